@@ -90,8 +90,10 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         tmp.rename(target)
-    except FileExistsError:  # a concurrent build won the race; theirs is as good as ours
+    except OSError:  # Linux says ENOTEMPTY, not EEXIST, when a concurrent build won the race
         shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -133,6 +135,7 @@ def convert_embedded(name: str, cache_dir: str | Path | None = None) -> Path:
             raise ModelPreparationError(f"{gguf}: cannot be read as GGUF ({err}); reinstall `{EMBEDDED[name].distribution}`") from None
         config_dict = loaded.config.to_dict()
         config_dict.pop("quantization_config", None)  # the saved folder is plain float weights
+        config_dict.pop("_model_name_or_path", None)  # GGUF's general.name, a leftover of the GGUF load
         config = AutoConfig.for_model(**config_dict)
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(loaded.state_dict())
@@ -156,8 +159,9 @@ def build_tiny_random(out: Path, seed: int, cache_dir: str | Path | None = None)
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seed the weights without resetting the caller's random stream
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -213,6 +217,7 @@ def prepare_model(base: str, out_dir: str | Path, *, cache_dir: str | Path | Non
             build_tiny_random(staging, seed, cache_dir)
         else:
             copy_pretrained(base, staging)
+        _normalise_tokenizer_config(staging, gguf_tokenizer=base in EMBEDDED or base == TINY_RANDOM)
         staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -221,6 +226,26 @@ def prepare_model(base: str, out_dir: str | Path, *, cache_dir: str | Path | Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _normalise_tokenizer_config(folder: Path, *, gguf_tokenizer: bool) -> None:
+    """Fix tokenizer_config.json on disk, in the output folder, so cache entries of any age get it too.
+
+    transformers 5 saves `padding_side` only when it was a load argument (setting the attribute is
+    lost), writes the machine-specific `is_local`/`local_files_only`, and names a tokenizer read from
+    GGUF `TokenizersBackend`, a class transformers 4.x (allowed by pyproject) cannot load.
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    for machine_specific in ("is_local", "local_files_only"):
+        config.pop(machine_specific, None)
+    config["padding_side"] = "left"  # generation pads on the left
+    if gguf_tokenizer and config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "GPT2Tokenizer"  # what upstream SmolLM2 declares; same tokenizer.json
+    context = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    if context and config.get("model_max_length", float("inf")) > context:
+        config["model_max_length"] = context  # instead of transformers' 1e30 "unlimited"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _parent(path: Path) -> Path:
