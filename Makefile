@@ -27,7 +27,7 @@ apt:
 	bash .ci/apt.sh
 
 demo: install
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro   # stage commands call `python`: the venv's
 	@cat artifacts/eval/report.md | head -20
 
 test: install
