@@ -60,7 +60,10 @@ def evaluate(params: Params, policy: Policy | None = None, progress: bool = True
     timed = Timed(policy or build_policy(params, tasks))
     backend = make_backend(params.db)
     start = time.perf_counter()
-    results = play(tasks, timed, backend, params.db.max_rounds, params.generation.batch_size, progress)
+    try:
+        results = play(tasks, timed, backend, params.db.max_rounds, params.generation.batch_size, progress)
+    finally:
+        backend.close()
     wall = time.perf_counter() - start
     metrics = compute_metrics(results)
     metrics.update(policy=timed.name, backend=params.db.backend, task_file=str(cfg.tasks),

@@ -267,3 +267,23 @@ def test_gold_sql_oracle_on_dev(backend, db_dev_file):
     name = "sqlite" if isinstance(backend, SQLiteBackend) else "mysql"
     assert {r["index"] for r in results if not r["correct"]} == DEFECTIVE_SELECT[name]
     assert metrics["outcomes"]["completed"] == 60
+
+
+def test_mysql_backends_have_their_own_agent_accounts(mariadb):
+    import pymysql
+
+    first = MySQLBackend(host=mariadb.host, port=mariadb.port, user="root")
+    second = MySQLBackend(host=mariadb.host, port=mariadb.port, user="root")
+    db = first.open(task().table)  # the second backend must not have changed the first one's password
+    try:
+        assert db.execute("SELECT count(*) FROM t") == "[(2,)]"
+    finally:
+        db.close()
+    first.close()
+    second.close()
+    conn = pymysql.connect(host=mariadb.host, port=mariadb.port, user="root", password="")
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mysql.user WHERE user IN (%s, %s)", (first._agent_user, second._agent_user))
+        remaining = cur.fetchone()[0]
+    conn.close()
+    assert first._agent_user != second._agent_user and remaining == 0  # closed backends drop their accounts

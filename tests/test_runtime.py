@@ -170,3 +170,16 @@ def test_openai_policy_errors_are_clear(endpoint):
                         GenerationConfig())
     with pytest.raises(CmatError, match="endpoint failed after 0 retries"):
         dead.generate([[{"role": "user", "content": "a"}]])
+
+
+def test_active_episodes_are_closed_when_the_policy_fails():
+    class Failing:
+        name = "failing"
+
+        def generate(self, conversations):
+            raise RuntimeError("boom")
+
+    closed = []
+    with pytest.raises(RuntimeError, match="boom"):
+        run_episodes((lambda: CountingEpisode(2) for _ in range(3)), Failing(), concurrency=2, close=closed.append)
+    assert len(closed) == 2  # both started episodes released; the third never started

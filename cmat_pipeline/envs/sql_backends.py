@@ -91,6 +91,9 @@ class SQLBackend(Protocol):
     def open(self, table: TableSpec) -> TaskDatabase:
         """A fresh database holding `table`."""
 
+    def close(self) -> None:
+        """Release what the backend set up on the server."""
+
 
 # --------------------------------------------------------------------------------------- SQLite
 
@@ -192,6 +195,9 @@ class SQLiteBackend:
     def open(self, table: TableSpec) -> SQLiteDatabase:
         return SQLiteDatabase(table, self.timeout_s, self.max_chars)
 
+    def close(self) -> None:
+        """Nothing outlives a task's in-memory database."""
+
 
 # ---------------------------------------------------------------------------------------- MySQL
 
@@ -219,15 +225,24 @@ class MySQLBackend:
     max_chars: int = 800
 
     def __post_init__(self) -> None:
+        # One agent account per backend instance, so concurrent runs on one server never share a password.
+        self._agent_user = f"cmat_agent_{secrets.token_hex(4)}"
         self._agent_password = secrets.token_hex(16)
-        self._agent_user = "cmat_agent"
         admin = self._connect(self.user, self.password)
         try:
             self.is_mariadb = "mariadb" in admin.get_server_info().lower()
             with admin.cursor() as cur:
-                cur.execute("CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED BY %s", (self._agent_user, self._agent_password))
-                cur.execute("ALTER USER %s@'%%' IDENTIFIED BY %s", (self._agent_user, self._agent_password))
+                cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (self._agent_user, self._agent_password))
                 cur.execute(f"GRANT ALL PRIVILEGES ON `cmat\\_%`.* TO '{self._agent_user}'@'%'")
+        finally:
+            admin.close()
+
+    def close(self) -> None:
+        """Drop the agent account."""
+        admin = self._connect(self.user, self.password)
+        try:
+            with admin.cursor() as cur:
+                cur.execute("DROP USER IF EXISTS %s@'%%'", (self._agent_user,))
         finally:
             admin.close()
 

@@ -37,19 +37,23 @@ def run_episodes(
     queue = deque(enumerate(start_episodes))
     active: list[tuple[int, Episode]] = []
     results: dict[int, dict[str, Any]] = {}
-    while queue or active:
-        while queue and len(active) < concurrency:
-            order, start = queue.popleft()
-            active.append((order, start()))
-        outputs = policy.generate([episode.messages for _, episode in active])
-        still_active = []
-        for (order, episode), output in zip(active, outputs):
-            episode.step(output.text)
-            if episode.done:
-                results[order] = episode.result()
-                close(episode)
-                on_result(results[order])
-            else:
-                still_active.append((order, episode))
-        active = still_active
+    try:
+        while queue or active:
+            while queue and len(active) < concurrency:
+                order, start = queue.popleft()
+                active.append((order, start()))
+            outputs = policy.generate([episode.messages for _, episode in active])
+            still_active = []
+            for (order, episode), output in zip(active, outputs):
+                episode.step(output.text)
+                if episode.done:
+                    results[order] = episode.result()
+                    close(episode)
+                    on_result(results[order])
+                else:
+                    still_active.append((order, episode))
+            active = still_active
+    finally:  # an error (or Ctrl-C) must not leave databases or sandboxes behind
+        for _, episode in active:
+            close(episode)
     return [results[k] for k in sorted(results)]
