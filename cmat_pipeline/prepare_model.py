@@ -119,7 +119,7 @@ def _ensure_chat_ready(tokenizer: Any) -> None:
         raise ModelPreparationError("the tokenizer has no chat template; cmat formats every turn with it")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation pads on the left
+    # padding_side is written by _normalise_tokenizer_config: transformers 5 does not save the attribute.
 
 
 def convert_embedded(name: str, cache_dir: str | Path | None = None) -> Path:

@@ -287,3 +287,13 @@ def test_mysql_backends_have_their_own_agent_accounts(mariadb):
         remaining = cur.fetchone()[0]
     conn.close()
     assert first._agent_user != second._agent_user and remaining == 0  # closed backends drop their accounts
+
+
+def test_json_task_file_must_hold_a_list_of_objects(tmp_path):
+    path = tmp_path / "tasks.json"
+    path.write_text('{"type": ["INSERT"]}')
+    with pytest.raises(DataError, match=r"tasks.json: a .json task file must hold a list of tasks, got dict"):
+        load_tasks(path)
+    path.write_text('["not a task"]')
+    with pytest.raises(DataError, match=r"tasks.json:item 0: a task must be a JSON object, got str"):
+        load_tasks(path)

@@ -102,6 +102,9 @@ class DBTask:
 
 
 def _task_from_entry(entry: dict[str, Any], index: int, where: str) -> DBTask:
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: a task must be a JSON object, got {type(entry).__name__}")
+
     def need(obj: dict[str, Any], key: str, path: str) -> Any:
         if not isinstance(obj, dict) or key not in obj:
             raise DataError(f"{where}: missing key `{path}{key}`")
@@ -147,9 +150,12 @@ def load_tasks(path: str | Path, limit: int = 0) -> list[DBTask]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
-            entries = [(f"{path}:item {i}", e) for i, e in enumerate(json.loads(text))]
+            items = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: a .json task file must hold a list of tasks, got {type(items).__name__}")
+        entries = [(f"{path}:item {i}", e) for i, e in enumerate(items)]
     else:
         entries = []
         for lineno, line in enumerate(text.splitlines(), start=1):
