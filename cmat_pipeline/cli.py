@@ -2,6 +2,7 @@
 
     cmat params [--profile gpu] > params.yaml     # write a resolved profile
     cmat prepare-model [--set model.base=tiny-random]
+    cmat collect [--set collect.shard=2026-11-16]   # then: filter, augment, distill, general, mix
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
 Every stage reads params.yaml (`--params` for another file) and takes `--set KEY=VALUE` overrides.
 """
@@ -15,7 +16,16 @@ import sys
 from cmat_pipeline.config import Params, dump_params, load_params, profile_params
 from cmat_pipeline.errors import CmatError
 
-STAGES = {"prepare-model": "cmat_pipeline.prepare_model", "evaluate": "cmat_pipeline.evaluate"}
+STAGES = {
+    "prepare-model": "cmat_pipeline.prepare_model",
+    "collect": "cmat_pipeline.collect",
+    "filter": "cmat_pipeline.filtering",
+    "augment": "cmat_pipeline.augment",
+    "distill": "cmat_pipeline.distill",
+    "general": "cmat_pipeline.general",
+    "mix": "cmat_pipeline.mix",
+    "evaluate": "cmat_pipeline.evaluate",
+}
 
 
 def stage_args(description: str, argv: list[str] | None,

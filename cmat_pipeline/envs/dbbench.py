@@ -101,7 +101,8 @@ class DBTask:
         ]
 
 
-def _task_from_entry(entry: dict[str, Any], index: int, where: str) -> DBTask:
+def task_from_entry(entry: dict[str, Any], index: int, where: str) -> DBTask:
+    """A DBTask from one dbbench entry; errors name `where` (file:line) and the missing key."""
     if not isinstance(entry, dict):
         raise DataError(f"{where}: a task must be a JSON object, got {type(entry).__name__}")
 
@@ -165,7 +166,7 @@ def load_tasks(path: str | Path, limit: int = 0) -> list[DBTask]:
                 entries.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {err}") from None
-    tasks = [_task_from_entry(entry, i, where) for i, (where, entry) in enumerate(entries)]
+    tasks = [task_from_entry(entry, i, where) for i, (where, entry) in enumerate(entries)]
     if not tasks:
         raise DataError(f"{path}: holds no tasks")
     return tasks[:limit] if limit else tasks

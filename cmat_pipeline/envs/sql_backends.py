@@ -113,6 +113,8 @@ def _mysql_to_sqlite(sql: str) -> str:
         return sql
 
     def cast_numeric_comparison(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.EQ) and isinstance(node.parent, exp.Update):
+            return node  # `SET col = 7` is an assignment, not a comparison
         if isinstance(node, (exp.GT, exp.GTE, exp.LT, exp.LTE, exp.EQ, exp.NEQ)):
             left, right = node.left, node.right
             if isinstance(left, exp.Column) and isinstance(right, exp.Literal) and not right.is_string:

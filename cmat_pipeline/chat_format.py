@@ -1,0 +1,60 @@
+"""Conversations -> token ids with a mask of the assistant's tokens, through the model's own chat template.
+
+Training (SFT, CMAT) and difficulty scoring compute loss on assistant turns only: user turns and
+environment observations are context, not targets. The mask comes from character offsets of each
+assistant message inside the rendered template, so it works for any chat template that writes message
+contents verbatim, and it does not rely on the pad id (SmolLM2's pad token is its end-of-turn token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from cmat_pipeline.errors import DataError
+
+
+@dataclass
+class EncodedChat:
+    input_ids: list[int]
+    assistant_mask: list[int]  # 1 where the token is (part of) an assistant turn's content or its end-of-turn
+
+    @property
+    def assistant_tokens(self) -> int:
+        return sum(self.assistant_mask)
+
+
+def render(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False)
+
+
+def assistant_spans(text: str, messages: Sequence[dict[str, str]], end_marker: str = "") -> list[tuple[int, int]]:
+    """Character spans of each assistant message in the rendered `text` (plus the end-of-turn marker)."""
+    spans, cursor = [], 0
+    for msg in messages:
+        pos = text.find(msg["content"], cursor)
+        if pos < 0:
+            raise DataError(f"chat template does not write message contents verbatim (role {msg['role']}); "
+                            "cannot find the assistant turns to train on")
+        end = pos + len(msg["content"])
+        if msg["role"] == "assistant":
+            if end_marker and text.startswith(end_marker, end):
+                end += len(end_marker)
+            spans.append((pos, end))
+        cursor = end
+    return spans
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], end_marker: str | None = None) -> EncodedChat:
+    """Token ids of the templated conversation and the assistant-token mask."""
+    text = render(tokenizer, messages)
+    marker = tokenizer.eos_token if end_marker is None else end_marker
+    spans = assistant_spans(text, messages, marker or "")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask, s = [], 0
+    for start, end in enc["offset_mapping"]:
+        while s < len(spans) and spans[s][1] <= start:
+            s += 1
+        inside = s < len(spans) and start < spans[s][1] and end > spans[s][0]
+        mask.append(1 if inside else 0)
+    return EncodedChat(list(enc["input_ids"]), mask)

@@ -1,0 +1,1 @@
+"""Data pipeline: collection, validation, filtering, augmentation, distillation and mixing."""

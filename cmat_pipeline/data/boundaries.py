@@ -1,0 +1,91 @@
+"""What every data stage does at its edges: read the previous stage, validate, write, account for every row.
+
+- `check_boundary` validates a batch with the Great Expectations suite of that boundary, writes the
+  Data Docs, and fails the stage (DataValidationError naming expectation, count and example ids).
+- `EvalIndex` holds every evaluation set's questions and tables, for decontamination and for the
+  suites' zero-overlap expectation.
+- `write_stage_outputs` writes trajectories, quarantine and a report whose counts must reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from cmat_pipeline.data.records import flatten, normalize_question, write_jsonl
+from cmat_pipeline.errors import DataError
+
+
+@dataclass
+class EvalIndex:
+    """Questions and tables of every evaluation task file, keyed for overlap checks."""
+
+    question_keys: dict[str, str] = field(default_factory=dict)  # normalized question -> file
+    questions: list[tuple[str, str]] = field(default_factory=list)  # (question, file)
+    table_keys: dict[str, str] = field(default_factory=dict)  # table fingerprint -> file
+
+    @classmethod
+    def from_files(cls, files: Sequence[str]) -> "EvalIndex":
+        from cmat_pipeline.data.importers import import_agentbench_tasks
+
+        index = cls()
+        for path in files:
+            if not Path(path).exists():
+                raise DataError(f"{path}: evaluation task file for decontamination not found (filter.decontaminate); "
+                                "remove it from the list or point it at the file")
+            for entry in import_agentbench_tasks(path):
+                index.question_keys.setdefault(normalize_question(entry["question"]), str(path))
+                index.questions.append((entry["question"], str(path)))
+                key = table_key(entry.get("task"))
+                if key:
+                    index.table_keys.setdefault(key, str(path))
+        return index
+
+    def frozen_keys(self) -> frozenset[str]:
+        return frozenset(self.question_keys)
+
+
+def table_key(task: Any) -> str | None:
+    """A dbbench table's identity: its normalized name and headers (rows may be edited copies)."""
+    if not isinstance(task, dict) or not isinstance(task.get("table"), dict):
+        return None
+    table = task["table"]
+    try:
+        columns = [c["name"] for c in table["table_info"]["columns"]]
+    except (KeyError, TypeError):
+        return None
+    return normalize_question(str(table.get("table_name", ""))) + "|" + "|".join(normalize_question(str(c)) for c in columns)
+
+
+def check_boundary(records: list[dict[str, Any]], spec, docs_dir: Path, what: str):
+    """Validate `records` strictly at one boundary (Data Docs under docs_dir); raise on any failure."""
+    from cmat_pipeline.data.expectations import raise_for_failures, validate_frame
+
+    result = validate_frame(flatten(records), spec, docs_dir=docs_dir)
+    raise_for_failures(result, what)
+    return result
+
+
+def quarantine_entry(stage: str, reason: str, record: Any, where: str = "") -> dict[str, Any]:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return {"stage": stage, "reason": reason, "id": rid, "where": where, "record": record}
+
+
+def write_stage_outputs(out_dir: Path, kept: list[dict[str, Any]], quarantined: list[dict[str, Any]],
+                        report: dict[str, Any], rows_in: int, kept_name: str = "trajectories.jsonl") -> dict[str, Any]:
+    """Write the kept rows (trajectories.jsonl), quarantine.jsonl and report.json; fail if rows went missing."""
+    if rows_in != len(kept) + len(quarantined):
+        raise DataError(f"{out_dir}: counts do not reconcile: {rows_in} in != {len(kept)} kept + "
+                        f"{len(quarantined)} quarantined (a bug: please report it)")
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        key = q["reason"].split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    report = {"rows_in": rows_in, "kept": len(kept), "quarantined": len(quarantined),
+              "quarantine_reasons": dict(sorted(reasons.items())), **report}
+    write_jsonl(out_dir / kept_name, kept)
+    write_jsonl(out_dir / "quarantine.jsonl", quarantined)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,337 @@
+"""The data pipeline stages on small data: collect (and resume), filter (fault injection), augment,
+distill, general, mix; and the oracle teacher's trajectories replayed through the environment."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from cmat_pipeline.config import build, Params, profile_params, deep_merge
+from cmat_pipeline.data.records import read_jsonl
+from cmat_pipeline.envs.dbbench import FIRST_REPLY, SYSTEM_PROMPT, load_tasks, task_from_entry
+from cmat_pipeline.envs.sql_backends import SQLiteBackend
+from cmat_pipeline.errors import DataError
+
+
+def small_params(tmp_path: Path, db_dev_file: Path, **sections) -> Params:
+    data = tmp_path / "data"
+    base = {
+        "collect": {"db_tasks": 60, "out_dir": str(data / "raw")},
+        "filter": {"out_dir": str(data / "filtered"), "decontaminate": [str(db_dev_file)]},
+        "augment": {"out_dir": str(data / "augmented")},
+        "distill": {"out_dir": str(data / "distilled")},
+        "mix": {"general_dir": str(data / "general"), "out_dir": str(data / "final"), "self_distill_prompts": 4,
+                "general_max_new_tokens": 8, "type_share": [0.0, 0.6], "val_fraction": 0.2},
+        "evaluate": {"tasks": str(db_dev_file)},
+    }
+    return build(Params, deep_merge(base, sections))
+
+
+def oracle_records(entries, **rates):
+    from cmat_pipeline.data.teachers import ReActOracle, play_db_tasks
+
+    tasks = [task_from_entry(e, i, "t") for i, e in enumerate(entries)]
+    return play_db_tasks(entries, ReActOracle(tasks, **rates), SQLiteBackend(5.0, 800), max_rounds=5,
+                         concurrency=16, source="test")
+
+
+# ------------------------------------------------------------------------------ teacher and replay
+
+
+def test_oracle_trajectories_replay_to_100_percent():
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.teachers import ReplayPolicy, play_db_tasks
+
+    entries = generate_db_tasks(120, seed=3, shard="replay")
+    records = oracle_records(entries, explore_rate=0.5, error_rate=0.5)
+    assert len(records) == 120 and all(r["correct"] for r in records)
+    kinds = {a for r in records for a in r["meta"]["turn_actions"]}
+    assert kinds == {"operation", "answer"}
+    # exploration and error-recovery turns really happen, with a real database error observed
+    assert any("LIMIT 3" in m["content"] for r in records for m in r["messages"] if m["role"] == "assistant")
+    recoveries = [r for r in records if any("Let me fix it" in m["content"] for m in r["messages"])]
+    assert recoveries and all(r["meta"]["rounds"] >= 2 for r in recoveries)
+    assert any("no such" in m["content"] for r in recoveries for m in r["messages"] if m["role"] == "user")
+    # every thought precedes its action (ReAct)
+    for r in records:
+        for m in r["messages"][3:]:
+            if m["role"] == "assistant":
+                assert len(m["content"].split("Action:")[0].strip()) > 10
+
+    replayed = play_db_tasks(entries, ReplayPolicy(records), SQLiteBackend(5.0, 800), max_rounds=5,
+                             concurrency=16, source="replay")
+    assert all(r["correct"] for r in replayed)
+    by_q = {r["question"]: r["messages"] for r in records}
+    assert all(by_q[r["question"]] == r["messages"] for r in replayed)  # same observations, turn by turn
+
+
+def test_oracle_reads_the_answer_from_the_environment(db_dev_file):
+    from cmat_pipeline.data.teachers import ReActOracle
+
+    task = load_tasks(db_dev_file)[1]
+    oracle = ReActOracle([task], explore_rate=0.0, error_rate=0.0)
+    convo = task.initial_messages()
+    first = oracle.turn(convo)
+    assert "Action: Operation" in first
+    convo += [{"role": "assistant", "content": first}, {"role": "user", "content": "[('42',)]"}]
+    assert oracle.turn(convo).endswith('Final Answer: ["42"]')
+
+
+# ------------------------------------------------------------------------------ collect
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """Wraps a policy and raises after `n` generate calls, like a killed process."""
+
+    def __init__(self, policy, n):
+        self.policy, self.n, self.name = policy, n, policy.name
+
+    def generate(self, conversations):
+        self.n -= 1
+        if self.n < 0:
+            raise Interrupt
+        return self.policy.generate(conversations)
+
+
+def test_collect_resumes_without_duplicates_or_losses(tmp_path, db_dev_file):
+    from cmat_pipeline.collect import build_pool, build_teacher, collect, shard_paths
+
+    params = small_params(tmp_path / "a", db_dev_file)
+    full = collect(params, progress=False)
+    assert full["trajectories"] == 60 and full["correct"] == 60
+
+    params_b = small_params(tmp_path / "b", db_dev_file)
+    pool = build_pool(params_b)
+    teacher = build_teacher(params_b, [dict(p["task"], id=p["id"], source=p["source"]) for p in pool])
+    with pytest.raises(Interrupt):
+        collect(params_b, policy=StopAfter(teacher, 3), progress=False)
+    path = shard_paths(params_b.collect.out_dir, "dev")["trajectories"]
+    partial = read_jsonl(path)
+    assert 0 < len(partial) < 60
+    with path.open("a") as f:
+        f.write('{"id": "half a line')  # killed mid-write
+    resumed = collect(params_b, policy=teacher, progress=False)
+    assert resumed["resumed_from"] == len(partial)
+    ids_a = sorted(r["id"] for r in read_jsonl(shard_paths(params.collect.out_dir, "dev")["trajectories"]))
+    ids_b = sorted(r["id"] for r in read_jsonl(path))
+    assert ids_a == ids_b  # same data as the uninterrupted run, nothing twice
+
+
+def test_collect_shards_add_data_and_import_files(tmp_path, db_dev_file):
+    from cmat_pipeline.collect import collect
+
+    convo = tmp_path / "chats.jsonl"
+    convo.write_text(json.dumps({"id": "c1", "conversations": [{"from": "human", "value": "Hi?"},
+                                                               {"from": "gpt", "value": "Hello!"}]}) + "\n"
+                     + json.dumps({"id": "c2", "conversations": []}) + "\n")
+    os_train = db_dev_file.parents[1] / "os_interaction" / "training.json"
+    for shard in ("2026-11-09", "2026-11-16"):
+        params = small_params(tmp_path, db_dev_file, collect={"shard": shard, "db_tasks": 20,
+                                                              "import_tasks": [str(os_train)],
+                                                              "import_conversations": [str(convo)]})
+        report = collect(params, progress=False)
+        assert report["trajectories"] == 21 and report["imported_rejected"] == 1
+        assert report["pooled_not_played"] == {"os": 1000}
+    shards = sorted(p.name for p in Path(params.collect.out_dir, "trajectories").glob("*.jsonl"))
+    assert shards == ["2026-11-09.jsonl", "2026-11-16.jsonl"]
+    quarantine = read_jsonl(Path(params.collect.out_dir, "quarantine", "2026-11-16.jsonl"))
+    assert len(quarantine) == 1 and "conversation" in quarantine[0]["reason"]
+
+
+# ------------------------------------------------------------------------------ filter: fault injection
+
+
+def valid_record(question: str, answer: str = "1"):
+    from cmat_pipeline.data.records import make_record
+
+    messages = [{"role": "user", "content": SYSTEM_PROMPT}, {"role": "assistant", "content": FIRST_REPLY},
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "I need the count.\nAction: Operation\n```sql\nSELECT COUNT(*) FROM t;\n```"},
+                {"role": "user", "content": f"[('{answer}',)]"},
+                {"role": "assistant", "content": f"It is {answer}.\nAction: Answer\nFinal Answer: [\"{answer}\"]"}]
+    return make_record(domain="db", source="test", teacher="oracle", task_type="counting", question=question,
+                       messages=messages, outcome="completed", correct=True, reward=1.0)
+
+
+def test_fault_injection_every_fault_quarantined_nothing_valid_lost(tmp_path, db_dev_file):
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.filtering import filter_stage
+
+    params = small_params(tmp_path, db_dev_file)
+    clean = oracle_records(generate_db_tasks(80, seed=5, shard="faults"))
+    assert all(r["correct"] for r in clean)
+    dev_question = load_tasks(db_dev_file)[0].question
+    faults = {}  # id -> expected reason fragment
+
+    def inject(record, expect):
+        faults[record["id"]] = expect
+        return record
+
+    bad = []
+    r = copy.deepcopy(clean[0]); r["id"] = "f-null-source"; r["source"] = None
+    bad.append(inject(r, "source"))
+    r = copy.deepcopy(clean[1]); r["id"] = "f-roles"; r["messages"][4]["role"] = "assistant"
+    bad.append(inject(r, "role_problem"))
+    r = copy.deepcopy(clean[2]); r["id"] = "f-unparseable"
+    r["messages"][3]["content"] = "I think I should query SELECT * FROM t"
+    bad.append(inject(r, "action_problem"))
+    r = copy.deepcopy(clean[3]); r["id"] = "f-empty-turn"; r["messages"][-1]["content"] = "  "
+    bad.append(inject(r, "role_problem"))
+    r = copy.deepcopy(clean[4]); r["id"] = "f-reward"; r["reward"] = 7.0
+    bad.append(inject(r, "reward"))
+    r = copy.deepcopy(clean[5]); r["id"] = "f-failed"; r["correct"] = False; r["reward"] = 0.0
+    bad.append(inject(r, "unsuccessful"))
+    r = copy.deepcopy(clean[6]); r["id"] = "f-null-messages"; r["messages"] = None
+    bad.append(inject(r, "raw validation"))
+    r = copy.deepcopy(clean[7]); r["id"] = "f-domain"; r["domain"] = "weather"
+    bad.append(inject(r, "domain"))
+    bad.append(inject(dict(copy.deepcopy(clean[8])), "duplicate id"))  # same id as clean[8]
+    r = copy.deepcopy(clean[9]); r["id"] = "f-exact-copy"
+    bad.append(inject(r, "exact duplicate"))
+    r = valid_record(dev_question); r["id"] = "f-eval-copy"
+    bad.append(inject(r, "evaluation overlap: question"))
+    r = valid_record(dev_question.upper().replace("?", " ?!") + " please"); r["id"] = "f-eval-near"
+    bad.append(inject(r, "evaluation overlap"))
+    r = copy.deepcopy(clean[10]); r["id"] = "f-eval-table"; r["question"] = "A question of my own?"
+    r["task"] = copy.deepcopy(clean[10]["task"])
+    r["task"]["table"] = json.loads(db_dev_file.read_text().splitlines()[3])["table"]
+    bad.append(inject(r, "evaluation overlap: table"))
+    r = copy.deepcopy(clean[11]); r["id"] = "f-long"; r["messages"][2]["content"] += " x" * 7000
+    bad.append(inject(r, "too long"))
+    r = copy.deepcopy(clean[12]); r["id"] = "f-near-dup"
+    r["messages"][-1]["content"] = "Right. " + r["messages"][-1]["content"]  # one word more: a near-copy
+    bad.append(inject(r, "near-duplicate"))
+
+    shard = Path(params.collect.out_dir, "trajectories", "faults.jsonl")
+    shard.parent.mkdir(parents=True)
+    lines = [json.dumps(x) for x in clean + bad] + ['{"id": "truncated', "[1, 2, 3]"]
+    shard.write_text("\n".join(lines) + "\n")
+
+    report = filter_stage(params)
+    kept = read_jsonl(Path(params.filter.out_dir, "trajectories.jsonl"))
+    quarantine = read_jsonl(Path(params.filter.out_dir, "quarantine.jsonl"))
+    assert report["rows_in"] == len(lines) == report["kept"] + report["quarantined"]
+    assert sorted(r["id"] for r in kept) == sorted(r["id"] for r in clean)  # nothing valid lost
+    reasons = {}
+    for q in quarantine:
+        reasons.setdefault(q["id"], []).append(q["reason"])
+    for fid, expect in faults.items():
+        got = reasons.get(fid, [])
+        assert any(expect in reason for reason in got), (fid, expect, got)
+    assert sum("unreadable line" in q["reason"] for q in quarantine) == 2
+    assert Path(params.filter.out_dir, "docs", "index.html").exists()
+
+
+def test_filter_fails_loudly_on_missing_inputs(tmp_path, db_dev_file):
+    from cmat_pipeline.filtering import filter_stage
+
+    with pytest.raises(DataError, match="collect stage first"):
+        filter_stage(small_params(tmp_path, db_dev_file))
+    params = small_params(tmp_path, db_dev_file, filter={"decontaminate": [str(tmp_path / "standard.jsonl")]})
+    shard = Path(params.collect.out_dir, "trajectories", "x.jsonl")
+    shard.parent.mkdir(parents=True)
+    shard.write_text(json.dumps(valid_record("How many rows?")) + "\n")
+    with pytest.raises(DataError, match="standard.jsonl"):
+        filter_stage(params)
+
+
+# ------------------------------------------------------------------------------ augment, distill, general, mix
+
+
+def test_perturbation_renames_consistently_and_recomputes_labels():
+    import random
+
+    from cmat_pipeline.augment import perturb, recompute_labels
+    from cmat_pipeline.config import AugmentConfig
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+
+    backend = SQLiteBackend(5.0, 800)
+    for entry in generate_db_tasks(44, seed=9, shard="aug"):
+        new, changes = perturb(entry, AugmentConfig(), random.Random(1))
+        recompute_labels(new, backend)
+        assert changes == ["rename", "reorder_rows", "change_values"]
+        old_cols = [c["name"] for c in entry["table"]["table_info"]["columns"]]
+        new_cols = [c["name"] for c in new["table"]["table_info"]["columns"]]
+        assert [c.lower() for c in new_cols] != [c.lower() for c in old_cols] or new["table"]["table_name"] != entry["table"]["table_name"]
+        assert sorted(map(tuple, new["table"]["table_info"]["rows"])) != [] and len(new["table"]["table_info"]["rows"]) == len(entry["table"]["table_info"]["rows"])
+        assert new["add_description"].startswith(f"The name of this table is {new['table']['table_name']},")
+        records = oracle_records([new])
+        assert records[0]["correct"], (entry["description"], new["description"], records[0]["messages"][-3:])
+        if entry["type"][0] not in ("INSERT", "UPDATE", "DELETE"):
+            # the same question on the same data must give the same answer, whatever the names and row order
+            assert sorted(new["label"]) == sorted(entry["label"]) or "change_values" in changes
+
+
+def test_distill_adds_rationales_and_selects_diverse_subset(tmp_path, db_dev_file, tiny_model_dir):
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.records import write_jsonl
+    from cmat_pipeline.distill import distill, thoughtless_turns
+
+    params = small_params(tmp_path, db_dev_file, model={"dir": str(tiny_model_dir)},
+                          distill={"target_size": 30, "difficulty": "student_loss"})
+    records = oracle_records(generate_db_tasks(66, seed=11, shard="distill"), explore_rate=0.0, error_rate=0.0)
+    for r in records[:10]:  # strip the thoughts, as an imported terse dataset would have them
+        for m in r["messages"][3:]:
+            if m["role"] == "assistant":
+                m["content"] = "Action:" + m["content"].split("Action:", 1)[1]
+    assert all(thoughtless_turns(r) for r in records[:10])
+    write_jsonl(Path(params.augment.out_dir, "trajectories.jsonl"), records)
+    report = distill(params)
+    kept = read_jsonl(Path(params.distill.out_dir, "trajectories.jsonl"))
+    assert report["rationales_added"]["template"] == 20 and len(kept) == 30
+    assert not any(thoughtless_turns(r) for r in kept)
+    assert len({r["task_type"] for r in kept}) == 11  # every type keeps its quota
+    assert report["rows_in"] == report["kept"] + report["quarantined"]
+    assert report["mean_student_loss_selected"] is not None
+
+
+def test_general_and_mix_split_by_group_with_card(tmp_path, db_dev_file, tiny_model_dir):
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.records import write_jsonl
+    from cmat_pipeline.general import general
+    from cmat_pipeline.mix import group_of, mix
+
+    params = small_params(tmp_path, db_dev_file, model={"dir": str(tiny_model_dir)},
+                          mix={"general_ratio": 0.1})
+    gen_report = general(params)
+    assert gen_report["rows_in"] == 4 == gen_report["kept"] + gen_report["quarantined"]
+    # the tiny random model rambles: its answers are cut at the token limit and quarantined, not taught
+    general_rows = read_jsonl(Path(params.mix.general_dir, "general.jsonl"))
+    if not general_rows:
+        general_rows = [valid_record(f"general {i}") | {"domain": "general", "task_type": "general", "id": f"g{i}",
+                                                        "messages": [{"role": "user", "content": f"Say {i}."},
+                                                                     {"role": "assistant", "content": f"{i}."}]}
+                        for i in range(20)]
+        write_jsonl(Path(params.mix.general_dir, "general.jsonl"), general_rows)
+    agent = oracle_records(generate_db_tasks(110, seed=12, shard="mix"))
+    for r in agent[:30]:  # pretend a third are augmented copies of earlier tasks: they must follow their group
+        r["meta"]["group"] = agent[30 + (agent.index(r) % 5)]["meta"]["task_id"]
+    write_jsonl(Path(params.distill.out_dir, "trajectories.jsonl"), agent)
+    card = mix(params)
+    train = read_jsonl(Path(params.mix.out_dir, "train.jsonl"))
+    val = read_jsonl(Path(params.mix.out_dir, "val.jsonl"))
+    assert card["train"] == len(train) and card["val"] == len(val) and val
+    assert not {group_of(r) for r in train} & {group_of(r) for r in val}
+    assert card["general_used"] == min(12, len(general_rows))
+    assert "rejections" in card and Path(params.mix.out_dir, "card.md").read_text().startswith("# Dataset card")
+    assert Path(params.mix.out_dir, "docs", "index.html").exists()
+
+
+def test_mix_rejects_unbalanced_training_set(tmp_path, db_dev_file):
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.expectations import DataValidationError
+    from cmat_pipeline.data.records import write_jsonl
+    from cmat_pipeline.mix import mix
+
+    params = small_params(tmp_path, db_dev_file, mix={"general_ratio": 0.0, "type_share": [0.0, 0.3]})
+    agent = oracle_records(generate_db_tasks(40, seed=13, shard="unbalanced", types=["counting", "INSERT"]))
+    write_jsonl(Path(params.distill.out_dir, "trajectories.jsonl"), agent)
+    with pytest.raises(DataValidationError, match="type_share"):
+        mix(params)
