@@ -3,7 +3,9 @@
     cmat params [--profile gpu] > params.yaml     # write a resolved profile
     cmat prepare-model [--set model.base=tiny-random]
     cmat collect [--set collect.shard=2026-11-16]   # then: filter, augment, distill, general, mix
+    cmat sft [--set sft.method=ptuning]
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
+    cmat pull --alias production --what adapter      # artifacts from the S3 registry
 Every stage reads params.yaml (`--params` for another file) and takes `--set KEY=VALUE` overrides.
 """
 
@@ -24,7 +26,9 @@ STAGES = {
     "distill": "cmat_pipeline.distill",
     "general": "cmat_pipeline.general",
     "mix": "cmat_pipeline.mix",
+    "sft": "cmat_pipeline.sft",
     "evaluate": "cmat_pipeline.evaluate",
+    "pull": "cmat_pipeline.registry",
 }
 
 
