@@ -36,7 +36,8 @@ class AugmentSkipped(Exception):
 
 
 def rename_style(name: str, rng: random.Random) -> str:
-    """Another realistic spelling of an identifier: snake_case, Title Case or CompactCase."""
+    """Another realistic spelling of an identifier: snake_case, Title Case or CompactCase
+    (a one-word name can only change case, which MySQL treats as the same column)."""
     words = re.findall(r"[A-Za-z0-9]+", name) or ["col"]
     styles = [
         "_".join(w.lower() for w in words),
@@ -44,7 +45,9 @@ def rename_style(name: str, rng: random.Random) -> str:
         "".join(w[:1].upper() + w[1:] for w in words),
     ]
     options = [s for s in styles if s.lower() != name.lower()]
-    return rng.choice(options) if options else name + "_2"
+    if not options:
+        options = [s for s in (name.lower(), name.upper(), name.capitalize()) if s != name]
+    return rng.choice(options) if options else name
 
 
 def _gold(entry: dict[str, Any]) -> list[str]:
@@ -226,13 +229,14 @@ def augment(params: Params) -> dict[str, Any]:
                          for r in played if not r["correct"]]
     kept = records + new
     evals = EvalIndex.from_files(params.filter.decontaminate)
-    check_boundary(kept, SuiteSpec("augmented", max_chars=params.filter.max_chars,
-                                   require_correct=params.filter.require_correct,
-                                   eval_question_keys=evals.frozen_keys()), out / "docs", f"{out}/trajectories.jsonl")
+    spec = SuiteSpec("augmented", max_chars=params.filter.max_chars,
+                     require_correct=params.filter.require_correct,
+                     eval_question_keys=evals.frozen_keys())
     report = write_stage_outputs(out, kept, failed, {
         "inputs": len(records), "copies_attempted": len(copies) + len(not_made),
         "copies_kept": len(new), "paraphrased": paraphrased, "paraphrase": cfg.paraphrase,
         "wall_seconds": round(time.perf_counter() - start, 2)},
+        check=lambda rows: check_boundary(rows, spec, out / "docs", f"{out}/trajectories.jsonl"),
         rows_in=len(records) + len(copies) + len(not_made))  # every input and every attempted copy
     save_resolved(params, out)
     return report

@@ -163,10 +163,11 @@ def filter_stage(params: Params) -> dict[str, Any]:
     flt = Filter(cfg, evals, out / "docs")
     flt.quarantined.extend(unreadable)
     kept = flt.run(rows)
-    check_boundary(kept, SuiteSpec("filtered", max_chars=cfg.max_chars, require_correct=cfg.require_correct,
-                                   eval_question_keys=evals.frozen_keys()), out / "docs", f"{out}/trajectories.jsonl")
+    spec = SuiteSpec("filtered", max_chars=cfg.max_chars, require_correct=cfg.require_correct,
+                     eval_question_keys=evals.frozen_keys())
     report = write_stage_outputs(out, kept, flt.quarantined, {
         "eval_files": list(cfg.decontaminate), "wall_seconds": round(time.perf_counter() - start, 2)},
+        check=lambda rows: check_boundary(rows, spec, out / "docs", f"{out}/trajectories.jsonl"),
         rows_in=len(rows) + len(unreadable))
     save_resolved(params, out)
     return report

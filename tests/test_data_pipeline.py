@@ -335,3 +335,97 @@ def test_mix_rejects_unbalanced_training_set(tmp_path, db_dev_file):
     write_jsonl(Path(params.distill.out_dir, "trajectories.jsonl"), agent)
     with pytest.raises(DataValidationError, match="type_share"):
         mix(params)
+
+
+# ------------------------------------------------------------------------------ endpoint and model teachers
+
+
+class TeacherEndpoint:
+    """An OpenAI-compatible HTTP server whose 'model' is the ReAct oracle (and answers the paraphrase and
+    rationale prompts the augment and distill stages send)."""
+
+    oracle = None
+
+    @classmethod
+    def reply(cls, messages):
+        text = messages[-1]["content"]
+        if text.startswith("Rewrite the following request"):
+            return "Please tell me this: " + text.rsplit("\n\n", 1)[1]
+        if text.startswith("You are helping an agent"):
+            return "The task asks for exactly this, so this statement is the right next step."
+        return cls.oracle.turn(messages)
+
+
+@pytest.fixture()
+def teacher_endpoint():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                   "role": "assistant", "content": TeacherEndpoint.reply(request["messages"])}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_openai_endpoint_teacher_paraphrase_and_rationales(tmp_path, db_dev_file, teacher_endpoint, monkeypatch):
+    from cmat_pipeline.augment import augment
+    from cmat_pipeline.collect import build_pool, collect
+    from cmat_pipeline.data.teachers import ReActOracle
+    from cmat_pipeline.distill import distill
+    from cmat_pipeline.filtering import filter_stage
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    params = small_params(tmp_path, db_dev_file, collect={"teacher": "openai", "db_tasks": 30},
+                          openai={"base_url": teacher_endpoint, "model": "teacher", "concurrency": 4},
+                          augment={"rate": 1.0, "paraphrase": True}, distill={"rationales": "openai"})
+    pool = build_pool(params)
+    TeacherEndpoint.oracle = ReActOracle([task_from_entry(p["task"], i, "p") for i, p in enumerate(pool)])
+    report = collect(params, progress=False)
+    assert report["teacher"].startswith("openai:teacher") and report["correct"] == 30
+    filter_stage(params)
+    # the endpoint teacher paraphrases every copy; the ReAct oracle replays them by their new questions
+    TeacherEndpoint.oracle = None
+    aug = augment(params)
+    assert aug["paraphrased"] == aug["copies_attempted"] == aug["copies_kept"] == 30
+    rows = read_jsonl(Path(params.augment.out_dir, "trajectories.jsonl"))
+    assert sum(r["question"].startswith("Please tell me this:") for r in rows) == 30
+    for r in rows[:5]:  # strip thoughts so the endpoint writes them
+        r["messages"][3]["content"] = "Action:" + r["messages"][3]["content"].split("Action:", 1)[1]
+    from cmat_pipeline.data.records import write_jsonl
+    write_jsonl(Path(params.augment.out_dir, "trajectories.jsonl"), rows)
+    out = distill(params)
+    assert out["rationales_added"] == {"template": 0, "openai": 5}
+
+
+def test_local_model_teacher_records_failures_for_the_filter(tmp_path, db_dev_file, tiny_model_dir):
+    from cmat_pipeline.collect import collect
+    from cmat_pipeline.filtering import filter_stage
+
+    params = small_params(tmp_path, db_dev_file, collect={"teacher": "model", "db_tasks": 6},
+                          model={"dir": str(tiny_model_dir)}, generation={"max_new_tokens": 8, "batch_size": 3})
+    report = collect(params, progress=False)
+    assert report["teacher"].startswith("hf:") and report["trajectories"] == 6
+    rows = read_jsonl(Path(params.collect.out_dir, "trajectories", "dev.jsonl"))
+    assert all(r["outcome"] in ("invalid_format", "invalid_action", "task_limit_exceeded") for r in rows)
+    with pytest.raises(Exception, match="filtered validation failed|row count"):
+        filter_stage(params)  # nothing usable is left: the strict suite says so instead of writing an empty set
+    # the reasons are kept even though the stage failed, and no training file was written
+    quarantine = read_jsonl(Path(params.filter.out_dir, "quarantine.jsonl"))
+    assert len(quarantine) == 6 and all(q["reason"].startswith(("raw validation", "unsuccessful")) for q in quarantine)
+    assert not Path(params.filter.out_dir, "trajectories.jsonl").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cmat_pipeline.data.records import flatten, normalize_question, write_jsonl
 from cmat_pipeline.errors import DataError
@@ -74,8 +74,10 @@ def quarantine_entry(stage: str, reason: str, record: Any, where: str = "") -> d
 
 
 def write_stage_outputs(out_dir: Path, kept: list[dict[str, Any]], quarantined: list[dict[str, Any]],
-                        report: dict[str, Any], rows_in: int, kept_name: str = "trajectories.jsonl") -> dict[str, Any]:
-    """Write the kept rows (trajectories.jsonl), quarantine.jsonl and report.json; fail if rows went missing."""
+                        report: dict[str, Any], rows_in: int, kept_name: str = "trajectories.jsonl",
+                        check: Callable[[list[dict[str, Any]]], Any] | None = None) -> dict[str, Any]:
+    """Write quarantine.jsonl and report.json, run `check` on the kept rows (a boundary suite), then write
+    them (trajectories.jsonl). Fails if rows went missing; a failed check leaves the quarantine readable."""
     if rows_in != len(kept) + len(quarantined):
         raise DataError(f"{out_dir}: counts do not reconcile: {rows_in} in != {len(kept)} kept + "
                         f"{len(quarantined)} quarantined (a bug: please report it)")
@@ -85,7 +87,11 @@ def write_stage_outputs(out_dir: Path, kept: list[dict[str, Any]], quarantined: 
         reasons[key] = reasons.get(key, 0) + 1
     report = {"rows_in": rows_in, "kept": len(kept), "quarantined": len(quarantined),
               "quarantine_reasons": dict(sorted(reasons.items())), **report}
-    write_jsonl(out_dir / kept_name, kept)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "quarantine.jsonl", quarantined)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / kept_name).unlink(missing_ok=True)  # never leave a previous run's rows next to this report
+    if check is not None:
+        check(kept)
+    write_jsonl(out_dir / kept_name, kept)
     return report

@@ -72,8 +72,8 @@ def _explain_delete(tree) -> str:
     return f"I need to delete the rows of {_table(tree)}{_where(tree)}."
 
 
-def explain_sql(sql: str, rng: random.Random | None = None) -> str:
-    """One or two sentences saying what `sql` does and why it answers the task."""
+def explain_sql(sql: str, rng: random.Random | None = None, opener: bool = True) -> str:
+    """One or two sentences saying what `sql` does; `opener` may prefix a varied lead-in."""
     import sqlglot
     from sqlglot import exp
 
@@ -85,4 +85,4 @@ def explain_sql(sql: str, rng: random.Random | None = None) -> str:
     explain = {exp.Select: _explain_select, exp.Insert: _explain_insert, exp.Update: _explain_update,
                exp.Delete: _explain_delete}.get(type(tree))
     body = explain(tree) if explain else "I will run this statement."
-    return rng.choice(OPENERS) + body
+    return (rng.choice(OPENERS) if opener else "") + body

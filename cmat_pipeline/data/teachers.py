@@ -116,9 +116,8 @@ class ReActOracle:
         if wrong is not None:
             steps.append({"kind": "error", "sql": wrong[0], "thought": explain_sql(gold[0], rng), "mistake": wrong[1]})
         for i, sql in enumerate(gold):
-            step = {"kind": "fix" if wrong is not None and i == 0 else "gold", "sql": sql,
-                    "thought": explain_sql(sql, rng)}
-            steps.append(step)
+            fix = wrong is not None and i == 0  # the reflection leads in, no opener after it
+            steps.append({"kind": "fix" if fix else "gold", "sql": sql, "thought": explain_sql(sql, rng, opener=not fix)})
         return steps
 
     def turn(self, conversation: Conversation) -> str:
