@@ -152,8 +152,8 @@ class EvaluateConfig:
     """AgentBench dbbench task file (jsonl or json), e.g. dev.jsonl; `standard.jsonl` is the held-out test."""
     policy: Literal["model", "oracle", "openai"] = "model"
     """`model`: model.dir (+ adapter); `oracle`: replays the gold SQL; `openai`: the `openai` endpoint."""
-    adapter: str = ""
-    """PEFT adapter folder applied on top of model.dir; empty for the base model."""
+    adapter: str = "artifacts/sft"
+    """PEFT adapter folder applied on top of model.dir (default: the `sft` stage's output); '' for the base model."""
     limit: int = 0
     """Evaluate only the first N tasks (0 = all)."""
     out_dir: str = "artifacts/eval"
@@ -282,13 +282,13 @@ class DistillConfig:
 class MixConfig:
     """The `general` and `mix` stages: general instruction data mixed in, then train/validation files."""
 
-    general_ratio: float = 0.2
+    general_ratio: float = 0.1
     """Share of general (non-agent) samples in the final training set (paper Table V: agent-only is 0)."""
     general_file: str = ""
     """A general instruction file (ShareGPT / OpenAI messages; json, jsonl, parquet); empty = self-distillation."""
-    self_distill_prompts: int = 48
+    self_distill_prompts: int = 100
     """Without general_file: the base model answers this many built-in general prompts (keeps general ability)."""
-    general_max_new_tokens: int = 160
+    general_max_new_tokens: int = 256
     """Answer length for self-distillation."""
     val_fraction: float = 0.1
     """Share of task groups held out for validation (a task and its augmented copies stay on one side)."""
@@ -309,6 +309,110 @@ class MixConfig:
                f"must be [min, max] with 0 <= min <= max <= 1, got {self.type_share}")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAParams:
+    """LoRA adapter shape (`sft.method: lora`)."""
+
+    r: int = 16
+    """Rank of each low-rank update."""
+    alpha: int = 32
+    """Scaling numerator: updates are scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear module names (leaf names) that get an adapter, or ['all-linear']; default: all attention + MLP projections."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "sft.lora.r", "must be >= 1")
+        _check(self.alpha > 0, "sft.lora.alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "sft.lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), "sft.lora.target_modules", f"must name at least one module, e.g. {LORA_TARGETS}")
+
+
+@dataclass
+class PTuningParams:
+    """P-Tuning prompt encoder (`sft.method: ptuning`, peft PromptEncoderConfig)."""
+
+    num_virtual_tokens: int = 20
+    """Trainable virtual tokens prepended to every sequence (they count against the context)."""
+    encoder_hidden_size: int = 128
+    """Hidden size of the MLP that produces the virtual token embeddings."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_virtual_tokens >= 1, "sft.ptuning.num_virtual_tokens", "must be >= 1")
+        _check(self.encoder_hidden_size >= 1, "sft.ptuning.encoder_hidden_size", "must be >= 1")
+
+
+@dataclass
+class SFTConfig:
+    """The `sft` stage: supervised fine-tuning on mix.out_dir's train.jsonl (loss on assistant tokens only)."""
+
+    method: Literal["lora", "ptuning", "full"] = "lora"
+    """`lora` and `ptuning` write a PEFT adapter; `full` writes a whole model (use a ~10x lower learning_rate)."""
+    max_steps: int = 20
+    """Optimizer steps; one step sees per_device_batch_size x grad_accum_steps x GPUs sequences."""
+    per_device_batch_size: int = 2
+    """Sequences per forward pass on each device (CPU: ~2 GB of fp32 activations per 600-token sequence)."""
+    grad_accum_steps: int = 2
+    """Forward passes accumulated per optimizer step."""
+    learning_rate: float = 3e-4
+    """Peak learning rate (LoRA 2e-4..5e-4; P-Tuning higher, ~1e-3..1e-2; full fine-tuning ~2e-5)."""
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    """Decay after warm-up."""
+    warmup_steps: int = 2
+    """Linear warm-up steps from 0 to learning_rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = no clipping)."""
+    max_seq_len: int = 1024
+    """Longest sequence in tokens (chat template included); longer ones are handled per `overlong`."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """Sequences over max_seq_len: `drop` them (a cut trajectory has no final answer) or `truncate` to the first max_seq_len tokens."""
+    group_by_length: bool = True
+    """Batch sequences of similar length together (less padding; batch order still shuffled); false = random batches."""
+    val_samples: int = 16
+    """Validation sequences scored for val loss: the first N of val.jsonl (0 = all)."""
+    eval_steps: int = 10
+    """Val loss every N steps (0 = only at the end)."""
+    save_steps: int = 5
+    """Checkpoint every N steps into out_dir/checkpoints; a rerun after a kill resumes from the last one."""
+    keep_checkpoints: bool = False
+    """Keep out_dir/checkpoints after a successful run (default: deleted, they are only for resuming)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision; bf16/fp16 need a CUDA GPU (weights stay float32 for the optimizer)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when visible, else CPU (`accelerate launch` decides the GPUs of a multi-GPU run)."""
+    seed: int = 0
+    """Seed of adapter init, dropout and data order."""
+    lora: LoRAParams = field(default_factory=LoRAParams)
+    """LoRA settings, used when method is `lora`."""
+    ptuning: PTuningParams = field(default_factory=PTuningParams)
+    """P-Tuning settings, used when method is `ptuning`."""
+    out_dir: str = "artifacts/sft"
+    """The adapter (or model) folder: also tokenizer, metrics.json, plots/, resolved_params.yaml, checkpoints/."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "per_device_batch_size", "grad_accum_steps", "save_steps"):
+            _check(getattr(self, key) >= 1, f"sft.{key}", "must be >= 1")
+        _check(self.learning_rate > 0, "sft.learning_rate", "must be > 0")
+        _check(0 <= self.warmup_steps < self.max_steps, "sft.warmup_steps",
+               f"must be >= 0 and below sft.max_steps ({self.max_steps})")
+        _check(self.weight_decay >= 0, "sft.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm >= 0, "sft.max_grad_norm", "must be >= 0 (0 = no clipping)")
+        _check(self.max_seq_len >= 32, "sft.max_seq_len", "must be >= 32 tokens")
+        _check(self.val_samples >= 0, "sft.val_samples", "must be >= 0 (0 = all)")
+        _check(self.eval_steps >= 0, "sft.eval_steps", "must be >= 0 (0 = only at the end)")
+        _check(not (self.device == "cpu" and self.mixed_precision != "no"), "sft.mixed_precision",
+               f"{self.mixed_precision} needs a CUDA GPU but sft.device is cpu; set sft.mixed_precision: no")
+        _check(bool(self.out_dir.strip()), "sft.out_dir", "must name a folder")
+
+
 @dataclass
 class Params:
     """Everything in params.yaml."""
@@ -323,6 +427,7 @@ class Params:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,6 +440,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "model": {"base": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16", "device": "cuda"},
         "generation": {"batch_size": 64, "max_new_tokens": 384, "max_context_tokens": 4096},
         "db": {"backend": "mysql"},
+        "sft": {"max_steps": 600, "per_device_batch_size": 16, "grad_accum_steps": 2, "learning_rate": 2e-4,
+                "warmup_steps": 20, "max_seq_len": 2048, "val_samples": 0, "eval_steps": 100, "save_steps": 100,
+                "mixed_precision": "bf16", "gradient_checkpointing": True, "device": "cuda"},
     },
 }
 

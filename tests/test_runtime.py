@@ -78,6 +78,11 @@ def test_context_guard_reports_context_limit(tiny_model_dir, conversations):
     assert out[0].text is not None and out[1].text is None and out[1].prompt_tokens > 64
 
 
+def test_missing_adapter_says_how_to_fix(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelPreparationError, match="run the sft stage"):
+        HFPolicy(str(tiny_model_dir), GenerationConfig(), adapter=str(tmp_path / "sft"), device="cpu")
+
+
 def test_missing_model_dir_says_how_to_fix(tmp_path):
     with pytest.raises(ModelPreparationError, match="run the prepare_model stage"):
         HFPolicy(str(tmp_path), GenerationConfig())
@@ -87,7 +92,7 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, db_dev_file, tmp_path
     out = tmp_path / "eval"
     params = load_params(
         _params_file(tmp_path),
-        [f"model.dir={tiny_model_dir}", f"evaluate.tasks={db_dev_file}", "evaluate.limit=4",
+        [f"model.dir={tiny_model_dir}", f"evaluate.tasks={db_dev_file}", "evaluate.limit=4", "evaluate.adapter=",
          f"evaluate.out_dir={out}", "generation.max_new_tokens=16", "generation.batch_size=4", "model.device=cpu"],
     )
     metrics = evaluate(params, progress=False)

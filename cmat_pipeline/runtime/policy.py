@@ -78,6 +78,9 @@ class HFPolicy:
         if adapter:
             from peft import PeftModel
 
+            if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+                raise ModelPreparationError(f"{adapter}: no PEFT adapter here (adapter_config.json); run the sft stage "
+                                            "(`cmat sft`) or evaluate the base model with --set evaluate.adapter=''")
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(self.device).eval()
         self.stops = [s for s in [self.tokenizer.eos_token, *gen.stop] if s]
