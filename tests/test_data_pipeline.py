@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -429,3 +430,23 @@ def test_local_model_teacher_records_failures_for_the_filter(tmp_path, db_dev_fi
     quarantine = read_jsonl(Path(params.filter.out_dir, "quarantine.jsonl"))
     assert len(quarantine) == 6 and all(q["reason"].startswith(("raw validation", "unsuccessful")) for q in quarantine)
     assert not Path(params.filter.out_dir, "trajectories.jsonl").exists()
+
+
+def test_react_oracle_recovers_from_real_mysql_errors(mariadb):
+    """On MariaDB the mistakes produce MySQL's own errors; the oracle still reflects, fixes and scores 100."""
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.teachers import ReActOracle, play_db_tasks
+    from cmat_pipeline.envs.sql_backends import MySQLBackend
+
+    entries = generate_db_tasks(33, seed=21, shard="mysql")
+    tasks = [task_from_entry(e, i, "t") for i, e in enumerate(entries)]
+    backend = MySQLBackend(host=mariadb.host, port=mariadb.port, user="root", timeout_s=5.0, max_chars=800)
+    try:
+        records = play_db_tasks(entries, ReActOracle(tasks, explore_rate=1.0, error_rate=1.0), backend,
+                                max_rounds=5, concurrency=8, source="mysql")
+    finally:
+        backend.close()
+    assert all(r["correct"] for r in records)
+    errors = [m["content"] for r in records for m in r["messages"][3:] if m["role"] == "user" and not m["content"].startswith("[")]
+    # one real MySQL error per episode ("1146: Table ... doesn't exist", "1054: Unknown column ...", ...)
+    assert len(errors) == 33 and all(re.match(r"\d{4}: ", e) for e in errors), errors
