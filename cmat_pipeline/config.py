@@ -352,13 +352,13 @@ class SFTConfig:
 
     method: Literal["lora", "ptuning", "full"] = "lora"
     """`lora` and `ptuning` write a PEFT adapter; `full` writes a whole model (use a ~10x lower learning_rate)."""
-    max_steps: int = 20
+    max_steps: int = 30
     """Optimizer steps; one step sees per_device_batch_size x grad_accum_steps x GPUs sequences."""
     per_device_batch_size: int = 2
     """Sequences per forward pass on each device (CPU: ~2 GB of fp32 activations per 600-token sequence)."""
     grad_accum_steps: int = 2
     """Forward passes accumulated per optimizer step."""
-    learning_rate: float = 3e-4
+    learning_rate: float = 5e-4
     """Peak learning rate (LoRA 2e-4..5e-4; P-Tuning higher, ~1e-3..1e-2; full fine-tuning ~2e-5)."""
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     """Decay after warm-up."""
