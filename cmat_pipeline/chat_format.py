@@ -24,20 +24,32 @@ class EncodedChat:
         return sum(self.assistant_mask)
 
 
+def fixed_protocol_turns(messages: Sequence[dict[str, str]]) -> int:
+    """Leading messages that are protocol, not decisions: AgentBench's prompt and its fixed "Ok." reply.
+
+    They are context, never targets: a model trained on "Ok." learns to answer a long task with "Ok."."""
+    from cmat_pipeline.envs.dbbench import FIRST_REPLY, SYSTEM_PROMPT
+
+    if len(messages) > 1 and messages[0].get("content") == SYSTEM_PROMPT and messages[1].get("content") == FIRST_REPLY:
+        return 2
+    return 0
+
+
 def render(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False)
 
 
 def assistant_spans(text: str, messages: Sequence[dict[str, str]], end_marker: str = "") -> list[tuple[int, int]]:
-    """Character spans of each assistant message in the rendered `text` (plus the end-of-turn marker)."""
-    spans, cursor = [], 0
-    for msg in messages:
+    """Character spans of each assistant message in the rendered `text` (plus the end-of-turn marker),
+    leaving out the fixed protocol turns."""
+    spans, cursor, skip = [], 0, fixed_protocol_turns(messages)
+    for index, msg in enumerate(messages):
         pos = text.find(msg["content"], cursor)
         if pos < 0:
             raise DataError(f"chat template does not write message contents verbatim (role {msg['role']}); "
                             "cannot find the assistant turns to train on")
         end = pos + len(msg["content"])
-        if msg["role"] == "assistant":
+        if msg["role"] == "assistant" and index >= skip:
             if end_marker and text.startswith(end_marker, end):
                 end += len(end_marker)
             spans.append((pos, end))

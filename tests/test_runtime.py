@@ -207,3 +207,20 @@ def test_masked_token_nll_matches_full_cross_entropy(tiny_model_dir):
     want = [torch.nn.functional.cross_entropy(logits[0, 5:11], ids[0, 6:]),
             torch.nn.functional.cross_entropy(logits[1, 9:11], ids[1, 10:])]
     assert torch.allclose(got, torch.stack(want), atol=1e-4)
+
+
+def test_protocol_ok_turn_is_context_not_target(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from cmat_pipeline.chat_format import encode_chat
+    from cmat_pipeline.envs.dbbench import FIRST_REPLY, SYSTEM_PROMPT
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    action = "Count them.\nAction: Operation\n```sql\nSELECT COUNT(*) FROM t;\n```"
+    messages = [{"role": "user", "content": SYSTEM_PROMPT}, {"role": "assistant", "content": FIRST_REPLY},
+                {"role": "user", "content": "How many rows?"}, {"role": "assistant", "content": action}]
+    enc = encode_chat(tokenizer, messages)
+    assert tokenizer.decode([t for t, m in zip(enc.input_ids, enc.assistant_mask) if m]) == action + tokenizer.eos_token
+    other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": FIRST_REPLY}]  # not the protocol
+    enc = encode_chat(tokenizer, other)
+    assert tokenizer.decode([t for t, m in zip(enc.input_ids, enc.assistant_mask) if m]) == FIRST_REPLY + tokenizer.eos_token

@@ -153,12 +153,10 @@ def role_problem(messages: Any) -> str | None:
 
 
 def _db_action_problem(messages: list[dict[str, str]]) -> str | None:
-    from cmat_pipeline.envs.dbbench import FIRST_REPLY, SYSTEM_PROMPT, parse_action
+    from cmat_pipeline.chat_format import fixed_protocol_turns
+    from cmat_pipeline.envs.dbbench import parse_action
 
-    start = 0
-    if messages[0]["content"] == SYSTEM_PROMPT and len(messages) > 1 and messages[1]["content"] == FIRST_REPLY:
-        start = 2  # the protocol's fixed "Ok." is not an action
-    for i in range(start, len(messages)):
+    for i in range(fixed_protocol_turns(messages), len(messages)):  # the protocol's fixed "Ok." is not an action
         if messages[i]["role"] == "assistant":
             kind = parse_action(messages[i]["content"]).kind
             if kind not in ("operation", "answer"):
