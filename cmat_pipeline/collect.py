@@ -59,11 +59,15 @@ def build_teacher(params: Params, db_entries: list[dict[str, Any]]) -> Policy:
     from cmat_pipeline.envs.dbbench import task_from_entry
 
     cfg = params.collect
+    tasks = [task_from_entry(e, i, f"pool item {i}") for i, e in enumerate(db_entries)]
     if cfg.teacher == "oracle":
         from cmat_pipeline.data.teachers import ReActOracle
 
-        tasks = [task_from_entry(e, i, f"pool item {i}") for i, e in enumerate(db_entries)]
         return ReActOracle(tasks, seed=cfg.seed, explore_rate=cfg.explore_rate, error_rate=cfg.error_rate)
+    if cfg.teacher == "smoa":
+        from cmat_pipeline.runtime.smoa import build_smoa_policy
+
+        return build_smoa_policy(params, tasks)
     if cfg.teacher == "openai":
         from cmat_pipeline.runtime.policy import OpenAIPolicy
 

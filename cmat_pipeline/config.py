@@ -150,8 +150,9 @@ class EvaluateConfig:
 
     tasks: str = "../shared/agentbench/dbbench/dev.jsonl"
     """AgentBench dbbench task file (jsonl or json), e.g. dev.jsonl; `standard.jsonl` is the held-out test."""
-    policy: Literal["model", "oracle", "openai"] = "model"
-    """`model`: model.dir (+ adapter); `oracle`: replays the gold SQL; `openai`: the `openai` endpoint."""
+    policy: Literal["model", "oracle", "openai", "smoa"] = "model"
+    """`model`: model.dir (+ adapter); `oracle`: replays the gold SQL; `openai`: the `openai` endpoint;
+    `smoa`: a mixture of agents as the `smoa` section configures it."""
     adapter: str = "artifacts/sft"
     """PEFT adapter folder applied on top of model.dir (default: the `sft` stage's output); '' for the base model."""
     limit: int = 0
@@ -182,8 +183,9 @@ class CollectConfig:
     """Synthetic dbbench tasks generated for this shard (0 = none)."""
     seed: int = 0
     """Seed of the generator and of the oracle's choices; combined with the shard name."""
-    teacher: Literal["oracle", "model", "openai"] = "oracle"
-    """Who plays the tasks: `oracle` (gold SQL, ReAct thoughts), `model` (model.dir + collect.adapter), `openai`."""
+    teacher: Literal["oracle", "model", "openai", "smoa"] = "oracle"
+    """Who plays the tasks: `oracle` (gold SQL, ReAct thoughts), `model` (model.dir + collect.adapter), `openai`,
+    `smoa` (a mixture of agents, the `smoa` section)."""
     adapter: str = ""
     """PEFT adapter for the `model` teacher; empty for the base model."""
     explore_rate: float = 0.3
@@ -414,6 +416,69 @@ class SFTConfig:
 
 
 @dataclass
+class ProposerConfig:
+    """One SMoA proposer: who writes the reply, in which role, how it samples."""
+
+    policy: Literal["model", "openai"] = "model"
+    """`model`: model.dir (+ smoa.adapter), weights shared by every local role; `openai`: the `openai` endpoint."""
+    role: str = ""
+    """Role description shown to this proposer ahead of AgentBench's prompt ('' = none)."""
+    temperature: float | None = None
+    """Sampling temperature of this proposer; null = generation.temperature."""
+
+    def __post_init__(self) -> None:
+        _check(self.temperature is None or self.temperature >= 0, "smoa.proposers[].temperature",
+               "must be >= 0 (0 = greedy) or null (= generation.temperature)")
+
+
+SMOA_ROLES = [
+    ("a careful SQL analyst who checks the exact column names and how values are written before querying", 0.0),
+    ("a concise database engineer who writes the shortest correct single-line SQL statement", 0.7),
+    ("a meticulous reviewer who re-reads every condition of the question and the required answer format", 0.7),
+]
+
+
+def _default_proposers() -> list[ProposerConfig]:
+    return [ProposerConfig("model", role, temperature) for role, temperature in SMOA_ROLES]
+
+
+@dataclass
+class SMoAConfig:
+    """Sparse Mixture-of-Agents (arXiv 2411.03284) as a policy: `evaluate.policy: smoa`, `collect.teacher: smoa`."""
+
+    mode: Literal["single", "dense", "sparse"] = "sparse"
+    """`single`: the first proposer alone, one call per turn; `dense`: every proposer every layer, all replies
+    passed on, no early stop (MoA); `sparse`: the judge keeps the top_k per layer and the moderator stops early."""
+    proposers: list[ProposerConfig] = field(default_factory=_default_proposers)
+    """The proposers, each with its own role description and temperature."""
+    layers: int = 2
+    """Proposal layers per turn at most; from layer 2 on, proposers see the previous layer's kept replies."""
+    top_k: int = 2
+    """Replies the judge keeps per layer in `sparse` mode (at most the number of proposers)."""
+    judge: Literal["checker", "model", "checker+model"] = "checker"
+    """`checker`: the SQL Checker (a vetoed reply scores 0); `model`: smoa.judge_policy rates each reply 0-10;
+    `checker+model`: vetoed replies score 0, the others get the model's rating."""
+    judge_policy: Literal["model", "openai"] = "model"
+    """Who rates replies when the judge includes a model."""
+    moderator: Literal["action", "none"] = "action"
+    """`action`: stop early once every kept reply (at least two) has the same normalised action (SQL or
+    answer); `none`: always run every layer. Only `sparse` mode stops early."""
+    aggregator: Literal["best", "model"] = "best"
+    """`best`: the final turn is the judge's best kept reply (no extra call); `model`: smoa.aggregator_policy
+    synthesises the kept replies into one turn (the best kept reply if its turn does not parse as an action)."""
+    aggregator_policy: Literal["model", "openai"] = "model"
+    """Who aggregates when smoa.aggregator is `model`."""
+    adapter: str = ""
+    """PEFT adapter applied to model.dir for every local role ('' = the base model)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.proposers), "smoa.proposers", "must list at least one proposer")
+        _check(self.layers >= 1, "smoa.layers", "must be >= 1")
+        _check(1 <= self.top_k <= len(self.proposers), "smoa.top_k",
+               f"must be between 1 and the number of proposers ({len(self.proposers)})")
+
+
+@dataclass
 class Params:
     """Everything in params.yaml."""
 
@@ -428,6 +493,7 @@ class Params:
     distill: DistillConfig = field(default_factory=DistillConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    smoa: SMoAConfig = field(default_factory=SMoAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

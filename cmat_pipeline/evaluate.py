@@ -30,6 +30,10 @@ def build_policy(params: Params, tasks: Sequence[DBTask]) -> Policy:
         return GoldSQLPolicy(tasks)
     if kind == "openai":
         return OpenAIPolicy(params.openai, params.generation)
+    if kind == "smoa":
+        from cmat_pipeline.runtime.smoa import build_smoa_policy
+
+        return build_smoa_policy(params, tasks)
     return HFPolicy(params.model.dir, params.generation, adapter=params.evaluate.adapter,
                     device=params.model.device, dtype=params.model.dtype)
 

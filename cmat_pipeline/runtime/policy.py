@@ -172,10 +172,12 @@ class OpenAIPolicy:
 
 @dataclass
 class Timed:
-    """Wraps a policy to account calls, tokens and seconds spent generating."""
+    """Wraps a policy to account calls, replies, tokens and seconds spent generating. A wrapped policy with
+    a `usage()` method (a mixture of agents: runtime/smoa.py) adds its own breakdown under "usage"."""
 
     policy: Policy
     calls: int = 0
+    requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -189,10 +191,15 @@ class Timed:
         outputs = self.policy.generate(conversations)
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        self.requests += len(conversations)
         self.prompt_tokens += sum(o.prompt_tokens for o in outputs)
         self.completion_tokens += sum(o.completion_tokens for o in outputs)
         return outputs
 
     def stats(self) -> dict[str, Any]:
-        return {"generate_calls": self.calls, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "generate_seconds": round(self.seconds, 2)}
+        stats = {"generate_calls": self.calls, "generate_requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                 "completion_tokens": self.completion_tokens, "generate_seconds": round(self.seconds, 2)}
+        usage = getattr(self.policy, "usage", None)
+        if callable(usage):
+            stats["usage"] = usage()
+        return stats
