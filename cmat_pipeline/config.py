@@ -285,7 +285,8 @@ class MixConfig:
     """The `general` and `mix` stages: general instruction data mixed in, then train/validation files."""
 
     general_ratio: float = 0.1
-    """Share of general (non-agent) samples in the final training set (paper Table V: agent-only is 0)."""
+    """Share of general (non-agent) samples in the final training set (paper Table V: 0 = agent-only,
+    1 = general-only, between = both)."""
     general_file: str = ""
     """A general instruction file (ShareGPT / OpenAI messages; json, jsonl, parquet); empty = self-distillation."""
     self_distill_prompts: int = 100
@@ -295,7 +296,8 @@ class MixConfig:
     val_fraction: float = 0.1
     """Share of task groups held out for validation (a task and its augmented copies stay on one side)."""
     type_share: list[float] = field(default_factory=lambda: [0.02, 0.5])
-    """[min, max] share of every task type in the training file; outside it the stage fails."""
+    """[min, max] share of every agent task type among the training file's agent samples; outside it the
+    stage fails (general samples are governed by general_ratio)."""
     seed: int = 0
     """Seed of sampling and the split."""
     general_dir: str = "artifacts/data/general"
@@ -304,7 +306,7 @@ class MixConfig:
     """train.jsonl, val.jsonl, the dataset card and the Data Docs go here."""
 
     def __post_init__(self) -> None:
-        _check(0 <= self.general_ratio < 1, "mix.general_ratio", "must be in [0, 1)")
+        _check(0 <= self.general_ratio <= 1, "mix.general_ratio", "must be in [0, 1]")
         _check(0 < self.val_fraction < 1, "mix.val_fraction", "must be in (0, 1)")
         _check(self.self_distill_prompts >= 0, "mix.self_distill_prompts", "must be >= 0")
         _check(len(self.type_share) == 2 and 0 <= self.type_share[0] <= self.type_share[1] <= 1, "mix.type_share",

@@ -12,8 +12,8 @@ Steps, in order (a row leaves at the first step that rejects it):
      or the same table (name and headers);
   6. exact duplicates (same question and actions), then near-duplicates (MinHash).
 Writes to filter.out_dir: trajectories.jsonl, quarantine.jsonl, report.json (in = kept + quarantined),
-docs/raw and docs/filtered (Great Expectations Data Docs), resolved_params.yaml. The kept rows must pass
-the strict `filtered` suite or the stage fails.
+docs/ (Great Expectations Data Docs of the raw and the filtered validation: open docs/index.html),
+resolved_params.yaml. The kept rows must pass the strict `filtered` suite or the stage fails.
 """
 
 from __future__ import annotations

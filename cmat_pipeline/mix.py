@@ -2,10 +2,11 @@
 
 Run it:
     python -m cmat_pipeline.mix              # or: cmat mix [--set mix.general_ratio=0]
+Table V of the paper: `mix.general_ratio` 0 is agent-only, 1 general-only, anything between both.
 The split is by task group (a task and its augmented copies land on the same side), deterministic in
-`mix.seed`. Both files pass the strict `train` / `val` suites (train also checks every task type's share
-against `mix.type_share`). The dataset card gathers counts by type, domain, source and teacher, length
-histograms, and every upstream stage's rejection reasons.
+`mix.seed`. Both files pass the strict `train` / `val` suites (train also checks every agent task type's
+share among the agent samples against `mix.type_share`). The dataset card gathers counts by type, domain,
+source and teacher, length histograms, and every upstream stage's rejection reasons.
 Writes to mix.out_dir: train.jsonl, val.jsonl, card.json (DVC metrics), card.md, lengths.png, docs/,
 resolved_params.yaml.
 """
@@ -37,13 +38,20 @@ def in_validation(group: str, fraction: float, seed: int) -> bool:
 
 
 def mix_records(agent: list[dict], general: list[dict], ratio: float, seed: int) -> tuple[list[dict], dict[str, Any]]:
-    """Agent records plus enough general ones for `ratio` (capped by what exists; never repeated)."""
-    wanted = round(ratio / (1 - ratio) * len(agent)) if ratio else 0
+    """Agent records plus enough general ones for `ratio` (capped by what exists; never repeated).
+    ratio 1 is the general-only arm of the paper's Table V: every general record and no agent record."""
+    if ratio >= 1:
+        if not general:
+            raise DataError("mix: mix.general_ratio=1 (general only) but the general stage produced no samples")
+        agent, wanted = [], len(general)
+    else:
+        wanted = round(ratio / (1 - ratio) * len(agent)) if ratio else 0
     rng = random.Random(seed)
     chosen = rng.sample(general, min(wanted, len(general)))
     mixed = agent + chosen
     achieved = len(chosen) / len(mixed) if mixed else 0.0
-    return mixed, {"general_wanted": wanted, "general_used": len(chosen), "general_ratio": round(achieved, 4)}
+    return mixed, {"agent_used": len(agent), "general_wanted": wanted, "general_used": len(chosen),
+                   "general_ratio": round(achieved, 4)}
 
 
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -68,6 +76,23 @@ def upstream_rejections(params: Params) -> dict[str, dict[str, int]]:
     return out
 
 
+def _bin_width(longest: int, bins: int = 12) -> int:
+    """The smallest round width (1, 2 or 5 times a power of ten) that fits 0..`longest` into `bins` bins."""
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * 10**exponent * bins > longest:
+                return mantissa * 10**exponent
+        exponent += 1
+
+
+def length_histogram(lengths: list[int], width: int) -> dict[str, int]:
+    """Samples per character-count bin, "lo-hi" keys in order (the card's numeric length histogram)."""
+    counts = Counter(n // width for n in lengths)
+    bins = range(min(counts, default=0), max(counts, default=-1) + 1)
+    return {f"{b * width}-{(b + 1) * width - 1}": counts[b] for b in bins}
+
+
 def build_card(train: list[dict], val: list[dict], mix_stats: dict[str, Any], params: Params) -> dict[str, Any]:
     def counts(rows: list[dict], key: str) -> dict[str, int]:
         return dict(sorted(Counter(str(r.get(key)) for r in rows).items()))
@@ -81,6 +106,7 @@ def build_card(train: list[dict], val: list[dict], mix_stats: dict[str, Any], pa
         "by_teacher": counts(train, "teacher"), "val_by_type": counts(val, "task_type"),
         "chars": {"min": min(lengths, default=0), "mean": round(sum(lengths) / max(len(lengths), 1), 1),
                   "max": max(lengths, default=0)},
+        "length_histogram": length_histogram(lengths, _bin_width(max(lengths, default=0))),
         "assistant_turns": dict(sorted(Counter(turns).items())),
         "rejections": upstream_rejections(params),
     }
@@ -92,11 +118,13 @@ def render_card(card: dict[str, Any]) -> str:
 
     lines = ["# Dataset card", "",
              f"train: **{card['train']}** samples, validation: **{card['val']}** "
-             f"(general share {card['general_ratio']}, {card['general_used']} of {card['general_wanted']} wanted).", "",
+             f"({card['agent_used']} agent samples; general share {card['general_ratio']}, {card['general_used']} "
+             f"of {card['general_wanted']} wanted).", "",
              f"Characters per sample: min {card['chars']['min']}, mean {card['chars']['mean']}, max {card['chars']['max']}.",
              "", "![lengths](lengths.png)", ""]
     for title, key in (("By task type", "by_type"), ("By domain", "by_domain"), ("By source", "by_source"),
-                       ("By teacher", "by_teacher"), ("Assistant turns per sample", "assistant_turns")):
+                       ("By teacher", "by_teacher"), ("Characters per sample", "length_histogram"),
+                       ("Assistant turns per sample", "assistant_turns")):
         lines += table(title, card[key])
     for stage, reasons in card["rejections"].items():
         lines += table(f"Quarantined by `{stage}`", reasons or {"(none)": 0})

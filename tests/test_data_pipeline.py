@@ -322,6 +322,8 @@ def test_general_and_mix_split_by_group_with_card(tmp_path, db_dev_file, tiny_mo
     assert not {group_of(r) for r in train} & {group_of(r) for r in val}
     assert card["general_used"] == min(12, len(general_rows))
     assert "rejections" in card and Path(params.mix.out_dir, "card.md").read_text().startswith("# Dataset card")
+    assert sum(card["length_histogram"].values()) == card["train"] and len(card["length_histogram"]) <= 12
+    assert "### Characters per sample" in Path(params.mix.out_dir, "card.md").read_text()
     assert Path(params.mix.out_dir, "docs", "index.html").exists()
 
 
@@ -336,6 +338,37 @@ def test_mix_rejects_unbalanced_training_set(tmp_path, db_dev_file):
     write_jsonl(Path(params.distill.out_dir, "trajectories.jsonl"), agent)
     with pytest.raises(DataValidationError, match="type_share"):
         mix(params)
+
+
+def test_general_file_and_every_table_v_mix(tmp_path, db_dev_file):
+    """A general-instruction file is imported by the general stage; mix then builds the three arms of the
+    paper's Table V: agent-only, both (here half general, above the per-type cap) and general-only."""
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.records import write_jsonl
+    from cmat_pipeline.general import general
+    from cmat_pipeline.mix import mix
+
+    chats = [{"id": f"chat{i}", "conversations": [{"from": "human", "value": f"Name a colour, please ({i})."},
+                                                  {"from": "gpt", "value": f"Blue, number {i}."}]} for i in range(60)]
+    chats.append({"id": "empty", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " "}]})
+    general_file = tmp_path / "general.jsonl"
+    general_file.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    params = small_params(tmp_path, db_dev_file, mix={"general_file": str(general_file)})
+    report = general(params)
+    assert (report["source"], report["kept"], report["quarantined"]) == (str(general_file), 60, 1)
+    agent = oracle_records(generate_db_tasks(44, seed=14, shard="table-v"))  # 11 types x 4
+    write_jsonl(Path(params.distill.out_dir, "trajectories.jsonl"), agent)
+
+    arms = {}
+    for ratio in (0.0, 0.5, 1.0):
+        arm = small_params(tmp_path, db_dev_file, mix={"general_file": str(general_file), "general_ratio": ratio,
+                                                       "type_share": [0.02, 0.3],
+                                                       "out_dir": str(tmp_path / f"final-{ratio}")})
+        arms[ratio] = mix(arm)
+    assert (arms[0.0]["agent_used"], arms[0.0]["general_used"]) == (44, 0)
+    assert (arms[0.5]["agent_used"], arms[0.5]["general_used"], arms[0.5]["general_ratio"]) == (44, 44, 0.5)
+    assert (arms[1.0]["agent_used"], arms[1.0]["general_used"], arms[1.0]["general_ratio"]) == (0, 60, 1.0)
+    assert arms[1.0]["by_domain"] == {"general": arms[1.0]["train"]} and arms[1.0]["train"] + arms[1.0]["val"] == 60
 
 
 # ------------------------------------------------------------------------------ endpoint and model teachers

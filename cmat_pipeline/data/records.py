@@ -188,17 +188,20 @@ def flatten(records: list[dict[str, Any]]):
     """The flat pandas frame the expectation suites check: one row per record, FRAME_COLUMNS.
 
     Derived columns (`role_problem`, `action_problem`: None or the reason; `type_share`: the share of
-    the record's task_type in this batch) turn structural rules into simple column expectations.
+    the record's task_type among this batch's agent records, None for general-instruction records, whose
+    share is `mix.general_ratio`'s business) turn structural rules into simple column expectations.
     Missing or mistyped fields are kept as they are (None, wrong type) so the suite reports them.
     """
     import pandas as pd
 
     types = [r.get("task_type") for r in records]
+    agent = [r.get("domain") != "general" for r in records]
     counts: dict[Any, int] = {}
-    for t in types:
-        counts[t] = counts.get(t, 0) + 1
+    for t, is_agent in zip(types, agent):
+        counts[t] = counts.get(t, 0) + is_agent
+    n_agent = sum(agent)
     rows = []
-    for record, task_type in zip(records, types):
+    for record, task_type, is_agent in zip(records, types, agent):
         messages = record.get("messages")
         turns = messages if isinstance(messages, list) else []
         rows.append({
@@ -210,6 +213,6 @@ def flatten(records: list[dict[str, Any]]):
             "n_assistant_turns": sum(isinstance(m, dict) and m.get("role") == "assistant" for m in turns),
             "n_chars": record_chars(record),
             "role_problem": role_problem(messages), "action_problem": action_problem(record),
-            "type_share": counts[task_type] / len(records),
+            "type_share": counts[task_type] / n_agent if is_agent else None,
         })
     return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
