@@ -69,6 +69,30 @@ def test_compose_has_every_service_with_the_right_command(compose):
             assert service.get("restart") == "unless-stopped", name
 
 
+def test_compose_references_resolve(compose):
+    """What `docker compose config` would reject or start wrongly: a dependency on a missing service, a
+    health condition on a service without a healthcheck, a one-shot job that restarts, an undeclared named
+    volume, a host port used twice."""
+    services = compose["services"]
+    declared = set(compose.get("volumes") or {})
+    ports: list[str] = []
+    for name, service in services.items():
+        for target, rule in (service.get("depends_on") or {}).items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            if rule["condition"] == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits for {target}'s health, which has no check"
+            if rule["condition"] == "service_completed_successfully":
+                assert services[target].get("restart") == "no", f"{target} is a one-shot job: restart must be 'no'"
+        for volume in service.get("volumes") or []:
+            source = volume.split(":", 1)[0]
+            if not source.startswith(("/", ".", "$", "~")):  # a named volume, not a bind mount
+                assert source in declared, f"{name} mounts undeclared volume {source}"
+        ports += [str(p).split(":")[0] for p in service.get("ports") or []]
+    assert len(ports) == len(set(ports)), f"a host port is published twice: {ports}"
+    assert declared <= {v.split(":", 1)[0] for s in services.values() for v in s.get("volumes") or []}, \
+        "a declared volume nothing mounts"
+
+
 def test_compose_gpu_worker_and_minio_bucket(compose):
     worker = compose["services"]["airflow-worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]

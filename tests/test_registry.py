@@ -414,25 +414,47 @@ def _dvc(repo: Path, *args: str, env: dict) -> str:
     return done.stdout + done.stderr
 
 
-def test_dvc_push_and_pull_through_an_s3_remote(s3_endpoint, tmp_path):
-    """The documented remote set-up: the remote URL in .dvc/config (committed), endpoint and credentials only
-    in .dvc/config.local (git-ignored). Then push, lose the data and the cache, pull it back."""
-    if not shutil.which("git"):
-        pytest.skip("git is not installed")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="dvc-remote")
+def _dvc_repo(tmp_path: Path, env: dict) -> tuple[Path, Path]:
+    """A git + DVC repository with one tracked data file; returns (repo, data file)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "CMAT_"))}
-    env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "site-cache"), HOME=str(tmp_path / "home"),
-               GIT_CONFIG_NOSYSTEM="1")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
     _dvc(repo, "init", "-q", env=env)
     data = repo / "data" / "sample.jsonl"
     data.parent.mkdir()
     data.write_text("".join(json.dumps({"id": i, "text": "x" * i}) + "\n" for i in range(200)))
-    original = data.read_bytes()
     _dvc(repo, "add", "data/sample.jsonl", env=env)
+    return repo, data
 
+
+def _clean_env(tmp_path: Path) -> dict:
+    if not shutil.which("git"):
+        pytest.skip("git is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "CMAT_"))}
+    env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "site-cache"), HOME=str(tmp_path / "home"),
+               GIT_CONFIG_NOSYSTEM="1")
+    return env
+
+
+def _push_lose_pull(repo: Path, data: Path, s3_endpoint: str, bucket: str, prefix: str, env: dict) -> None:
+    """dvc push lands the file's content in the bucket; after losing data and cache, dvc pull restores it."""
+    original = data.read_bytes()
+    _dvc(repo, "push", env=env)
+    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+    md5 = hashlib.md5(original).hexdigest()
+    assert any(o["Key"].endswith(md5[2:]) for o in listed.get("Contents", [])), listed.get("Contents")
+    data.unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _dvc(repo, "pull", env=env)
+    assert data.read_bytes() == original
+
+
+def test_dvc_push_and_pull_through_an_s3_remote(s3_endpoint, tmp_path):
+    """The documented remote set-up: the remote URL in .dvc/config (committed), endpoint and credentials only
+    in .dvc/config.local (git-ignored). Then push, lose the data and the cache, pull it back."""
+    env = _clean_env(tmp_path)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="dvc-remote")
+    repo, data = _dvc_repo(tmp_path, env)
     _dvc(repo, "remote", "add", "-d", "storage", "s3://dvc-remote/cmat", env=env)
     _dvc(repo, "remote", "modify", "--local", "storage", "endpointurl", s3_endpoint, env=env)
     _dvc(repo, "remote", "modify", "--local", "storage", "access_key_id", ACCESS_KEY, env=env)
@@ -442,13 +464,19 @@ def test_dvc_push_and_pull_through_an_s3_remote(s3_endpoint, tmp_path):
     assert SECRET in (repo / ".dvc/config.local").read_text()
     ignored = subprocess.run(["git", "check-ignore", "-q", ".dvc/config.local"], cwd=repo, env=env)
     assert ignored.returncode == 0, "config.local (credentials) must be git-ignored"
+    _push_lose_pull(repo, data, s3_endpoint, "dvc-remote", "cmat", env)
 
-    _dvc(repo, "push", env=env)
-    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="dvc-remote", Prefix="cmat/")
-    md5 = hashlib.md5(original).hexdigest()
-    assert any(o["Key"].endswith(md5[2:]) for o in listed.get("Contents", [])), listed.get("Contents")
 
-    data.unlink()
-    shutil.rmtree(repo / ".dvc" / "cache")
-    _dvc(repo, "pull", env=env)
-    assert data.read_bytes() == original
+def test_dvc_s3_remote_from_environment_variables_only(s3_endpoint, tmp_path):
+    """The other documented set-up: one `dvc remote add` command; endpoint and credentials from the
+    environment only (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), nothing in any file."""
+    env = _clean_env(tmp_path)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="dvc-env-remote")
+    repo, data = _dvc_repo(tmp_path, env)
+    _dvc(repo, "remote", "add", "-d", "storage", "s3://dvc-env-remote/cmat", env=env)
+    assert not (repo / ".dvc/config.local").exists()
+    env.update(AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET,
+               AWS_DEFAULT_REGION="us-east-1")
+    _push_lose_pull(repo, data, s3_endpoint, "dvc-env-remote", "cmat", env)
+    for name in (".dvc/config", ".dvc/config.local"):
+        assert not (repo / name).exists() or SECRET not in (repo / name).read_text()
