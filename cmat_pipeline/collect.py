@@ -49,7 +49,8 @@ def build_pool(params: Params) -> list[dict[str, Any]]:
     from cmat_pipeline.data.importers import import_agentbench_tasks
 
     cfg = params.collect
-    pool = [pool_entry(e) for e in generate_db_tasks(cfg.db_tasks, cfg.seed, cfg.shard)] if cfg.db_tasks else []
+    generated = generate_db_tasks(cfg.db_tasks, cfg.seed, cfg.shard, domains=cfg.domains) if cfg.db_tasks else []
+    pool = [pool_entry(e) for e in generated]
     for path in cfg.import_tasks:
         pool.extend(import_agentbench_tasks(path))
     return pool

@@ -181,6 +181,9 @@ class CollectConfig:
     file, so scheduled runs and backfills add data and rerunning a shard replaces only that shard."""
     db_tasks: int = 600
     """Synthetic dbbench tasks generated for this shard (0 = none)."""
+    domains: list[str] = field(default_factory=list)
+    """Table domains the generated tasks draw from (names in cmat_pipeline.data.dbgen.DOMAINS, e.g. flights);
+    empty = all 25."""
     seed: int = 0
     """Seed of the generator and of the oracle's choices; combined with the shard name."""
     teacher: Literal["oracle", "model", "openai", "smoa"] = "oracle"
@@ -204,6 +207,10 @@ class CollectConfig:
         _check(bool(re.fullmatch(r"[\w.:+-]+", self.shard)), "collect.shard",
                f"{self.shard!r} must be a file-name-safe key such as 2026-11-16 or manual__2026-11-16T10:00")
         _check(self.db_tasks >= 0, "collect.db_tasks", "must be >= 0")
+        from cmat_pipeline.data.dbgen import DOMAINS  # lazily: the generator is not needed to read params
+
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        _check(not unknown, "collect.domains", f"unknown domain(s) {unknown}; choose from: {', '.join(DOMAINS)}")
         _check_rate(self.explore_rate, "collect.explore_rate")
         _check_rate(self.error_rate, "collect.error_rate")
 

@@ -119,9 +119,17 @@ def test_types_can_be_restricted():
     assert [e["type"][0] for e in got] == ["ranking", "DELETE"] * 3
 
 
+def test_domains_can_be_restricted_and_default_to_all():
+    assert generate_db_tasks(12, seed=3, shard="d", domains=[]) == generate_db_tasks(12, seed=3, shard="d")
+    got = generate_db_tasks(22, seed=3, shard="d", domains=["flights", "podcasts"])
+    assert {e["meta"]["domain"] for e in got} == {"flights", "podcasts"}
+    assert {e["type"][0] for e in got} == set(DB_TASK_TYPES), "every type is still generated"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(domains=["flights", "weather"]), r"unknown table domain\(s\) \['weather'\]; allowed: library loans"),
         (dict(n=-1), "n must be a non-negative integer, got -1"),
         (dict(n=2.5), "n must be a non-negative integer"),
         (dict(types=["counting", "JOIN"]), r"unknown dbbench task type\(s\) \['JOIN'\]; allowed: other, counting"),

@@ -3,6 +3,7 @@
     from cmat_pipeline.data.dbgen import generate_db_tasks, DB_TASK_TYPES, DOMAINS
     entries = generate_db_tasks(1000, seed=0, shard="train-00")            # every type, round-robin
     entries = generate_db_tasks(50, seed=0, shard="x", types=["ranking"])  # only some types
+    entries = generate_db_tasks(50, seed=0, shard="x", domains=["flights"])  # only some table domains
 
 Each entry is a dbbench task exactly as AgentBench ships them (one JSON object per line of a .jsonl file,
 readable by `cmat_pipeline.envs.dbbench.load_tasks`), plus `id` (a content hash), `source`
@@ -11,7 +12,7 @@ readable by `cmat_pipeline.envs.dbbench.load_tasks`), plus `id` (a content hash)
 Tables come from built-in domains (library loans, flights, football results, ...) with typed, realistic
 columns. Labels are never written by hand: the gold SQL runs on a fresh `SQLiteBackend` database (the
 environment itself) and SELECT labels are its flattened observation, INSERT/UPDATE/DELETE labels the gold
-statement with `answer_md5` the table hash after it. The output depends only on (n, seed, shard, types):
+statement with `answer_md5` the table hash after it. The output depends only on (n, seed, shard, types, domains):
 task i draws from its own `random.Random`, seeded by a SHA-256 of (seed, shard, i).
 
 Constructs on which SQLite (with the backend's translation) and MySQL/MariaDB disagree are never generated:
@@ -1094,10 +1095,10 @@ def _entry(kind: str, t: Table, draft: Draft, label: list[str], answer_md5: str 
     return entry
 
 
-def _make_task(rng: random.Random, kind: str, shard: str) -> dict:
+def _make_task(rng: random.Random, kind: str, shard: str, domains: Sequence[Domain] = _DOMAIN_SPECS) -> dict:
     templates = TEMPLATES[kind]
     for _ in range(200):
-        table = _make_table(rng, rng.choice(_DOMAIN_SPECS))
+        table = _make_table(rng, rng.choice(domains))
         for template in rng.sample(templates, len(templates)):
             draft = template(rng, table)
             if draft is None:
@@ -1132,17 +1133,33 @@ def _check_args(n: Any, seed: Any, shard: Any, types: Sequence[str] | None) -> t
     return tuple(dict.fromkeys(types))
 
 
+def domain_specs(domains: Sequence[str] | None) -> tuple[Domain, ...]:
+    """The built-in domains named in `domains` (all of them when None or empty), in built-in order."""
+    if not domains:
+        return _DOMAIN_SPECS
+    if isinstance(domains, str):
+        domains = [domains]
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown table domain(s) {unknown}; allowed: {', '.join(DOMAINS)}")
+    return tuple(d for d in _DOMAIN_SPECS if d.name in set(domains))
+
+
 def derive_seed(seed: int, shard: str, index: int) -> int:
     """Task `index`'s own seed: a SHA-256 of (seed, shard, index), independent of Python's hash()."""
     digest = hashlib.sha256(f"cmat-dbgen\x1f{seed}\x1f{shard}\x1f{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 
-def generate_db_tasks(n: int, seed: int, shard: str, types: Sequence[str] | None = None) -> list[dict]:
+def generate_db_tasks(n: int, seed: int, shard: str, types: Sequence[str] | None = None,
+                      domains: Sequence[str] | None = None) -> list[dict]:
     """n dbbench-format task entries, deterministic in (n, seed, shard); different shards give different tasks.
 
-    Types go round-robin over `types` (all of DB_TASK_TYPES when None); task i depends only on
-    (seed, shard, i, its type), so a shorter run is a prefix of a longer one.
+    Types go round-robin over `types` (all of DB_TASK_TYPES when None); tables come from `domains` (all of
+    DOMAINS when None or empty); task i depends only on (seed, shard, i, its type, the domains), so a
+    shorter run is a prefix of a longer one.
     """
     kinds = _check_args(n, seed, shard, types)
-    return [_make_task(random.Random(derive_seed(seed, shard, i)), kinds[i % len(kinds)], shard) for i in range(n)]
+    specs = domain_specs(domains)
+    return [_make_task(random.Random(derive_seed(seed, shard, i)), kinds[i % len(kinds)], shard, specs)
+            for i in range(n)]
