@@ -7,6 +7,8 @@
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
     cmat pull --alias production --what adapter      # artifacts from the S3 registry
 Every stage reads params.yaml (`--params` for another file) and takes `--set KEY=VALUE` overrides.
+    cmat serve [--set serve.adapter='']               # an OpenAI-compatible endpoint (docs/SERVING.md)
+    cmat checker-eval | cmat prompt-eval              # the paper's Table I and Table III
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ STAGES = {
 }
 
 
+    "serve": "cmat_pipeline.serve",
+    "checker-eval": "cmat_pipeline.checker_eval",
+    "prompt-eval": "cmat_pipeline.prompt_eval",
 def stage_args(description: str, argv: list[str] | None,
                extra: "callable | None" = None) -> tuple[Params, argparse.Namespace]:
     """Parse the options every stage shares; returns the validated params and the namespace."""

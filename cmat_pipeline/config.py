@@ -157,6 +157,9 @@ class EvaluateConfig:
     """PEFT adapter folder applied on top of model.dir (default: the `sft` stage's output); '' for the base model."""
     limit: int = 0
     """Evaluate only the first N tasks (0 = all)."""
+    prompt: Literal["full", "terse", "none"] = "full"
+    """Task prompt (paper Table III): `full` = AgentBench's DB prompt, `terse` = a low-quality one, `none` = the
+    question alone."""
     out_dir: str = "artifacts/eval"
     """Where metrics.json, trajectories.jsonl and the report go."""
 
@@ -488,6 +491,151 @@ class SMoAConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`cmat serve`: model.dir (+ an adapter) as an OpenAI-compatible chat-completions endpoint."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 lets other machines (AgentBench's task workers in docker) reach it."""
+    port: int = 8000
+    """TCP port (openai.base_url's default points here)."""
+    model_name: str = "cmat"
+    """The model id clients must send (`model` in a request, AgentBench's agent config); other ids get 404."""
+    adapter: str = "artifacts/sft"
+    """PEFT adapter served on top of model.dir (default: the `sft` stage's output); '' for the base model."""
+    max_batch_size: int = 8
+    """Requests served by one `generate` call at most."""
+    batch_window_ms: float = 20.0
+    """After a request arrives, wait this long for more to share its `generate` call (latency for throughput)."""
+    api_key_env: str = "CMAT_SERVE_API_KEY"
+    """When this environment variable is set, /v1 requests must send `Authorization: Bearer <its value>`."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, "serve.port", "must be a TCP port (0-65535; 0 = any free port)")
+        _check(bool(self.model_name.strip()), "serve.model_name", "must not be empty")
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+        _check(self.batch_window_ms >= 0, "serve.batch_window_ms", "must be >= 0 (0 = no waiting)")
+
+
+@dataclass
+class CheckerEvalConfig:
+    """`checker-eval` (paper Table I): fix a faulty SQL query given the database error; BLEU-4 and ROUGE."""
+
+    examples: int = 50
+    """Correction examples in the held-out set."""
+    shard: str = "checker-heldout"
+    """Synthetic-task shard the set is generated from; must differ from collect.shard (the training shard)."""
+    seed: int = 0
+    """Seed of task generation and of the corruption choices."""
+    policy: Literal["model", "openai", "copy"] = "model"
+    """`model`: model.dir + checker_eval.adapter; `openai`: the `openai` endpoint; `copy`: returns the faulty
+    query unchanged (the baseline that gives the scores context)."""
+    adapter: str = ""
+    """PEFT adapter on top of model.dir (e.g. artifacts/sft); '' for the base model."""
+    out_dir: str = "artifacts/checker_eval"
+    """metrics.json, predictions.jsonl (with the set) and report.md go here."""
+
+    def __post_init__(self) -> None:
+        _check(self.examples >= 1, "checker_eval.examples", "must be >= 1")
+        _check(bool(re.fullmatch(r"[\w.:+-]+", self.shard)), "checker_eval.shard", "must be a file-name-safe key")
+
+
+@dataclass
+class PromptEvalConfig:
+    """`prompt-eval` (paper Table III): the evaluate stage once per prompt variant, same model and tasks."""
+
+    variants: list[Literal["full", "terse", "none"]] = field(default_factory=lambda: ["full", "terse", "none"])
+    """Prompt variants (evaluate.prompt values), in table order."""
+    out_dir: str = "artifacts/prompt_eval"
+    """One evaluate output folder per variant, plus metrics.json and report.md comparing them."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.variants) and len(set(self.variants)) == len(self.variants), "prompt_eval.variants",
+               "must list distinct variants out of full, terse, none")
+
+
+@dataclass
+class OSConfig:
+    """The AgentBench OS environment (`evaluate-os`): os_interaction tasks played in a fresh sandbox each."""
+
+    tasks: str = f"{AGENTBENCH_DIR}/os_interaction/dev.json"
+    """AgentBench os_interaction task file (.json list or .jsonl), e.g. dev.json or training.json."""
+    scripts_dir: str = ""
+    """AgentBench's script folder for the task file (e.g. data/os_interaction/scripts/dev of a checkout): init,
+    example and custom checker files are read from here. '' = none; tasks that need such a file are counted
+    as unsupported (the standard checkers integer-match, string-match, size-match, containing, in are built in)."""
+    driver: Literal["bwrap", "docker"] = "bwrap"
+    """`bwrap`: bubblewrap namespaces on this machine; `docker`: a container of os.docker_image per task."""
+    max_rounds: int = 8
+    """Assistant turns per task (AgentBench's OS round limit)."""
+    command_timeout_s: float = 10.0
+    """A shell command running longer is killed (with what it started) and its output so far is the observation."""
+    script_timeout_s: float = 30.0
+    """Limit for each init, start, example and checker script."""
+    cpu_seconds: int = 20
+    """CPU-time limit of every process in the sandbox (RLIMIT_CPU): a busy loop dies after this."""
+    memory_mb: int = 2048
+    """Address-space limit of every process in the sandbox, MiB (docker: the container's memory limit)."""
+    disk_mb: int = 256
+    """Size of the sandbox's writable filesystem (a tmpfs), MiB; also the largest file a process may write."""
+    max_processes: int = 256
+    """Processes the sandbox may hold at once (RLIMIT_NPROC in its user namespace; docker: --pids-limit)."""
+    max_output_bytes: int = 65536
+    """Output kept per command; the rest is discarded while the command runs."""
+    max_observation_chars: int = 800
+    """Longer output is cut to its first chars - 20 and marked, as AgentBench does."""
+    sandbox_uid: int = 65534
+    """When cmat runs as root, the host uid the bwrap sandbox runs as (its root is this unprivileged user)."""
+    docker_image: str = "local-os/default"
+    """Image for tasks that name none (AgentBench's `<localhost>/default`; build it from infra/os_images/)."""
+    docker_binary: str = "docker"
+    """Docker CLI (or a compatible one such as podman)."""
+    policy: Literal["model", "oracle", "openai"] = "model"
+    """Who plays in `evaluate-os`: `model` (model.dir + os.adapter), `oracle` (the tasks' example solutions), `openai`."""
+    adapter: str = ""
+    """PEFT adapter on top of model.dir for the `model` policy (e.g. artifacts/cmat); '' = the base model."""
+    limit: int = 0
+    """Evaluate only the first N tasks (0 = all)."""
+    out_dir: str = "artifacts/eval_os"
+    """Where `evaluate-os` writes metrics.json, trajectories.jsonl and report.md."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tasks.strip()), "os.tasks", "must name an os_interaction task file")
+        for key in ("max_rounds", "cpu_seconds", "memory_mb", "disk_mb", "max_processes"):
+            _check(getattr(self, key) >= 1, f"os.{key}", "must be >= 1")
+        _check(self.command_timeout_s > 0 and self.script_timeout_s > 0, "os.command_timeout_s",
+               "timeouts must be > 0")
+        _check(self.max_output_bytes >= self.max_observation_chars, "os.max_output_bytes",
+               f"must be >= os.max_observation_chars ({self.max_observation_chars})")
+        _check(self.max_observation_chars >= 100, "os.max_observation_chars", "must be >= 100")
+        _check(self.sandbox_uid > 0, "os.sandbox_uid", "must be an unprivileged uid (> 0)")
+        _check(self.limit >= 0, "os.limit", "must be >= 0 (0 = all tasks)")
+
+
+@dataclass
+class KGConfig:
+    """The AgentBench knowledge-graph environment: its tool API over a SPARQL endpoint or the embedded store."""
+
+    endpoint: str = ""
+    """SPARQL query endpoint URL (e.g. AgentBench's Virtuoso with Freebase, http://host:3001/sparql);
+    '' = the embedded pyoxigraph store holding the small generated graph."""
+    namespace: str = "http://rdf.freebase.com/ns/"
+    """IRI prefix of entities and relations; ids (m.0abc) and relations (people.person.profession) are local names."""
+    tasks: str = ""
+    """KG task file in AgentBench's format (a .json list with question, entities, answer); '' = the generated questions."""
+    max_rounds: int = 15
+    """Assistant turns per question (AgentBench's KG round limit)."""
+    timeout_s: float = 30.0
+    """Per SPARQL request."""
+
+    def __post_init__(self) -> None:
+        _check(self.endpoint == "" or self.endpoint.startswith(("http://", "https://")), "kg.endpoint",
+               "must be '' (embedded store) or an http(s):// URL")
+        _check(bool(self.namespace.strip()), "kg.namespace", "must not be empty")
+        _check(self.max_rounds >= 1, "kg.max_rounds", "must be >= 1")
+        _check(self.timeout_s > 0, "kg.timeout_s", "must be > 0")
+
+
+@dataclass
 class Params:
     """Everything in params.yaml."""
 
@@ -503,6 +651,9 @@ class Params:
     mix: MixConfig = field(default_factory=MixConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     smoa: SMoAConfig = field(default_factory=SMoAConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    checker_eval: CheckerEvalConfig = field(default_factory=CheckerEvalConfig)
+    prompt_eval: PromptEvalConfig = field(default_factory=PromptEvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

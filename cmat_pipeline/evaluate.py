@@ -60,7 +60,7 @@ def play(tasks: Sequence[DBTask], policy: Policy, backend: SQLBackend, max_round
 def evaluate(params: Params, policy: Policy | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate and write every output; returns the metrics."""
     cfg = params.evaluate
-    tasks = load_tasks(cfg.tasks, cfg.limit)
+    tasks = load_tasks(cfg.tasks, cfg.limit, prompt=cfg.prompt)
     timed = Timed(policy or build_policy(params, tasks))
     backend = make_backend(params.db)
     start = time.perf_counter()

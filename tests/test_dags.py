@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -141,11 +142,12 @@ def test_validate_run_params_builds_overrides_that_params_yaml_accepts():
 def test_validate_run_params_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
         orchestration.validate_run_params({"db_tasks": -1, "method": "adam", "temperature": 2,
-                                           "learning_rate": 0, "overrides": ["db.backend=postgres"]})
+                                           "learning_rate": 0,
+                                           "overrides": ["db.backend=postgres", 'collect.domains=["weather"]']})
     message = str(err.value)
     for fragment in ("temperature: unknown run param", "method: 'adam' is not allowed",
                      "collect.db_tasks: must be >= 0", "sft.learning_rate: must be > 0",
-                     "db.backend: 'postgres' is not allowed"):
+                     "db.backend: 'postgres' is not allowed", "collect.domains: unknown domain(s) ['weather']"):
         assert fragment in message, message
     with pytest.raises(ConfigError, match="warmup_steps"):  # a cross-field rule, broken only by the combination
         orchestration.validate_run_params({"overrides": ["sft.max_steps=2", "sft.warmup_steps=2"]})
@@ -185,8 +187,8 @@ def test_each_run_gets_its_own_workspace(workspaces):
     assert params.model.base == "tiny-random" and load_params(two / "params.yaml").collect.db_tasks == 3
     assert Path(params.evaluate.tasks).is_absolute() and Path(params.evaluate.tasks).exists(), \
         "inputs outside the project are pinned so they resolve from the workspace"
-    assert params.evaluate.out_dir == "artifacts/eval" and params.evaluate.adapter == "artifacts/sft", \
-        "outputs stay inside the workspace"
+    assert params.evaluate.out_dir == "artifacts/eval" and params.evaluate.adapter.startswith("artifacts/"), \
+        "outputs (and the adapter a stage of the run makes) stay inside the workspace"
     marker = json.loads((one / orchestration.MARKER).read_text())
     assert marker["run_id"] == "manual__1" and marker["overrides"] == ["model.base=tiny-random"]
     (one / "params.yaml").write_text((one / "params.yaml").read_text() + "\n")
@@ -216,6 +218,33 @@ def test_run_stage_twice_does_not_duplicate_data(workspaces):
     assert "error" in str(err.value).lower()
     with pytest.raises(ConfigError, match="unknown stage 'train'"):
         orchestration.run_stage("train", "scheduled__a", overrides)
+
+
+def test_failed_validation_fails_the_task_naming_expectation_count_and_rows(workspaces):
+    """A boundary suite that fails makes `cmat mix` exit 1, and so the Airflow task fail, with the failed
+    expectation, how many rows broke it and example row ids in the task log."""
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+    from cmat_pipeline.data.records import write_jsonl
+    from cmat_pipeline.data.teachers import ReActOracle, play_db_tasks
+    from cmat_pipeline.envs.dbbench import task_from_entry
+    from cmat_pipeline.envs.sql_backends import SQLiteBackend
+
+    overrides = orchestration.validate_run_params(
+        {"overrides": ["mix.general_ratio=0", "mix.type_share=[0,0.3]"]}, shard="2026-11-16")
+    workspace = orchestration.run_workspace("scheduled__unbalanced", overrides)
+    entries = generate_db_tasks(40, seed=13, shard="unbalanced", types=["counting", "INSERT"])  # 50 % each
+    tasks = [task_from_entry(e, i, "t") for i, e in enumerate(entries)]
+    records = play_db_tasks(entries, ReActOracle(tasks), SQLiteBackend(5.0, 800), max_rounds=5, concurrency=8,
+                            source="test")
+    write_jsonl(workspace / load_params(workspace / "params.yaml").distill.out_dir / "trajectories.jsonl", records)
+    with pytest.raises(orchestration.StageFailed, match=r"cmat mix failed \(exit 1\)") as err:
+        orchestration.run_stage("mix", "scheduled__unbalanced", overrides)
+    found = re.search(r"train\.jsonl: train validation failed: expect_column_values_to_be_between\(type_share\): "
+                      r"(\d+) rows, e\.g\. ([^;\n]+)", str(err.value))
+    assert found, str(err.value)
+    examples = found.group(2).split(", ")
+    assert 0 < int(found.group(1)) <= 40 and len(examples) == 5  # every training row breaks the 30 % cap
+    assert set(examples) <= {r["id"] for r in records}, "the examples name real rows"
 
 
 def test_publish_and_promote_a_workspace(workspaces, tmp_path, monkeypatch):
@@ -389,9 +418,17 @@ def test_standalone_run_triggered_through_the_rest_api(moto_registry, tmp_path, 
         assert _wait_for(lambda: finished(good), 900, "the pipeline run") == "success", task_states(good)
         from cmat_pipeline.registry import Registry, RegistryConfig
 
-
         registry = Registry(RegistryConfig.from_env())
-        assert registry.resolve_alias("production") == orchestration.run_key(good) == registry.resolve_alias("latest")
+        key = orchestration.run_key(good)
+        assert registry.resolve_alias("production") == key == registry.resolve_alias("latest")
+        manifest = registry.read_manifest(key)
+        for rel in ("params.yaml", "run.json", "metrics/evaluate.json", "dataset/card.json",
+                    "dataset/train.jsonl", "adapter/adapter_model.safetensors", "report/report.md"):
+            assert rel in manifest["files"], f"{rel} not published: {sorted(manifest['files'])}"
+        pulled = registry.pull(run_id=key, dest=tmp_path / "pulled")  # every object there, checksums verified
+        assert pulled["files"] == len(manifest["files"])
+        run_record = json.loads((tmp_path / "pulled" / "run.json").read_text())
+        assert "collect.db_tasks=40" in run_record["overrides"], "the trigger's params reached the run"
     finally:
         os.killpg(server.pid, 15)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,13 @@ If your response cannot match any pattern I mentioned earlier, you will be judge
 Your input will be raw MySQL response, you have to deal with it by yourself.
 """
 FIRST_REPLY = "Ok."
+# A low-quality prompt for the paper's Table III: the same action format, said tersely and sloppily, with none
+# of the rules (one statement, the first block only, exact answers, raw MySQL output).
+TERSE_PROMPT = """database question. use sql for it
+to run sql: Action: Operation and the sql in a ```sql block
+when done: Action: Answer and Final Answer: [answers]
+"""
+PROMPTS = {"full": SYSTEM_PROMPT, "terse": TERSE_PROMPT, "none": None}  # none: the question alone
 
 MODIFICATION_TYPES = ("INSERT", "DELETE", "UPDATE")
 SELECT_SUBTYPES = (
@@ -79,6 +86,12 @@ class DBTask:
     answer_md5: str | None
     gold_sql: tuple[str, ...]
     source_file: str = ""
+    prompt: str = "full"
+    """Which of PROMPTS opens the episode (evaluate.prompt)."""
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"prompt {self.prompt!r} is unknown; choose one of {', '.join(PROMPTS)}")
 
     @property
     def is_modification(self) -> bool:
@@ -94,11 +107,10 @@ class DBTask:
         return self.answer_md5 if self.is_modification else list(self.label)
 
     def initial_messages(self) -> list[dict[str, str]]:
-        return [
-            {"role": "user", "content": SYSTEM_PROMPT},
-            {"role": "assistant", "content": FIRST_REPLY},
-            {"role": "user", "content": self.question},
-        ]
+        question = {"role": "user", "content": self.question}
+        if PROMPTS[self.prompt] is None:
+            return [question]
+        return [{"role": "user", "content": PROMPTS[self.prompt]}, {"role": "assistant", "content": FIRST_REPLY}, question]
 
 
 def task_from_entry(entry: dict[str, Any], index: int, where: str) -> DBTask:
@@ -140,8 +152,9 @@ def task_from_entry(entry: dict[str, Any], index: int, where: str) -> DBTask:
     )
 
 
-def load_tasks(path: str | Path, limit: int = 0) -> list[DBTask]:
-    """Read a dbbench task file (.jsonl, or .json holding a list). Errors name the file and line."""
+def load_tasks(path: str | Path, limit: int = 0, prompt: str = "full") -> list[DBTask]:
+    """Read a dbbench task file (.jsonl, or .json holding a list), each task opened by PROMPTS[prompt].
+    Errors name the file and line."""
     path = Path(path)
     if not path.exists():
         raise DataError(
@@ -166,7 +179,7 @@ def load_tasks(path: str | Path, limit: int = 0) -> list[DBTask]:
                 entries.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {err}") from None
-    tasks = [task_from_entry(entry, i, where) for i, (where, entry) in enumerate(entries)]
+    tasks = [replace(task_from_entry(entry, i, where), prompt=prompt) for i, (where, entry) in enumerate(entries)]
     if not tasks:
         raise DataError(f"{path}: holds no tasks")
     return tasks[:limit] if limit else tasks

@@ -11,6 +11,7 @@ import json
 from typing import Sequence
 
 from cmat_pipeline.envs.dbbench import DBTask
+from cmat_pipeline.errors import CmatError
 from cmat_pipeline.runtime.policy import Conversation, PolicyOutput
 
 
@@ -34,8 +35,12 @@ class GoldSQLPolicy:
         self.by_question = {task.question: task for task in tasks}
 
     def _turn(self, conversation: Conversation) -> str:
-        task = self.by_question[conversation[2]["content"]]
-        statements_run = (len(conversation) - 3) // 2
+        # The question is turn 2 after AgentBench's prompt, or turn 0 without one (evaluate.prompt: none).
+        q = next((i for i, m in enumerate(conversation) if m["content"] in self.by_question), None)
+        if q is None:
+            raise CmatError(f"{self.name}: the conversation holds none of the oracle's task questions")
+        task = self.by_question[conversation[q]["content"]]
+        statements_run = (len(conversation) - q - 1) // 2
         if statements_run < len(task.gold_sql):
             sql = task.gold_sql[statements_run].strip().replace("\n", " ")
             return f"I will run the gold statement.\nAction: Operation\n```sql\n{sql}\n```"

@@ -28,6 +28,8 @@ class PolicyOutput:
     text: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str = "stop"
+    """`stop` (end token or stop string) or `length` (the token limit cut it)."""
 
 
 class Policy(Protocol):
@@ -57,6 +59,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+class StopInCompletion:
+    """Stops a row once its completion (not the prompt: transformers' `stop_strings` also match across the
+    prompt's end, e.g. a stop "\n\n" after a template ending in "\n") contains a stop string."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_width: int):
+        self.tokenizer, self.stops, self.width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=False)
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
+
+
 class HFPolicy:
     """A local causal LM, batched."""
 
@@ -83,51 +99,63 @@ class HFPolicy:
                                             "(`cmat sft`) or evaluate the base model with --set evaluate.adapter=''")
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(self.device).eval()
-        self.stops = [s for s in [self.tokenizer.eos_token, *gen.stop] if s]
 
     def encode(self, conversation: Conversation) -> list[int]:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
+    def stops(self, gen: GenerationConfig) -> list[str]:
+        return [s for s in [self.tokenizer.eos_token, *gen.stop] if s]
+
+    def generate(self, conversations: Sequence[Conversation], gen: GenerationConfig | None = None) -> list[PolicyOutput]:
+        """`gen` overrides the decoding settings for this call (default: the policy's own)."""
+        gen = gen or self.gen
         encoded = [self.encode(c) for c in conversations]
-        budget = self.gen.max_context_tokens - self.gen.max_new_tokens
+        budget = gen.max_context_tokens - gen.max_new_tokens
         outputs: list[PolicyOutput] = [PolicyOutput(None, len(ids)) for ids in encoded]
         fitting = [i for i, ids in enumerate(encoded) if len(ids) <= budget]
-        for start in range(0, len(fitting), self.gen.batch_size):
-            chunk = fitting[start:start + self.gen.batch_size]
-            for i, out in zip(chunk, self._generate_batch([encoded[i] for i in chunk])):
+        for start in range(0, len(fitting), gen.batch_size):
+            chunk = fitting[start:start + gen.batch_size]
+            for i, out in zip(chunk, self.generate_ids([encoded[i] for i in chunk], gen)):
                 outputs[i] = out
         return outputs
 
-    def _generate_batch(self, batch: list[list[int]]) -> list[PolicyOutput]:
+    def generate_ids(self, batch: list[list[int]], gen: GenerationConfig, limits: Sequence[int] | None = None,
+                     streamer: Any = None) -> list[PolicyOutput]:
+        """One left-padded `generate` call over tokenized prompts. `limits` caps each row's new tokens below
+        gen.max_new_tokens (the server batches requests with different max_tokens); `streamer` is handed to
+        `generate` (it receives every step's tokens for the whole batch)."""
         import torch
 
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
-        sampling = self.gen.temperature > 0
+        sampling = gen.temperature > 0
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.gen.max_new_tokens, do_sample=sampling, pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id,
+            max_new_tokens=gen.max_new_tokens, do_sample=sampling, pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id, streamer=streamer,
         )
         if sampling:
-            kwargs.update(temperature=self.gen.temperature, top_p=self.gen.top_p)
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
         else:  # silence the model's sampling defaults when greedy
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if self.gen.stop:
-            kwargs.update(stop_strings=list(self.gen.stop), tokenizer=self.tokenizer)
+        if gen.stop:
+            kwargs.update(stopping_criteria=[StopInCompletion(self.tokenizer, list(gen.stop), width)])
         with torch.inference_mode():
             generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         results = []
         ends = {pad, self.tokenizer.eos_token_id}
-        for row, ids in zip(generated[:, width:].tolist(), batch):
+        stops = self.stops(gen)
+        for k, (row, ids) in enumerate(zip(generated[:, width:].tolist(), batch)):
+            limit = limits[k] if limits else gen.max_new_tokens
+            row = row[:limit]
             # Finished rows are padded to the batch's longest: keep tokens up to the first end token.
-            stop_at = next((k for k, tok in enumerate(row) if tok in ends), len(row))
+            stop_at = next((j for j, tok in enumerate(row) if tok in ends), len(row))
             text = self.tokenizer.decode(row[:stop_at], skip_special_tokens=False)
-            completion = min(stop_at + 1, len(row))
-            results.append(PolicyOutput(cut_at_stop(text, self.stops).strip(), len(ids), completion))
+            cut = cut_at_stop(text, stops)
+            reason = "length" if stop_at == limit and cut == text else "stop"
+            results.append(PolicyOutput(cut.strip(), len(ids), min(stop_at + 1, len(row)), reason))
         return results
 
 
