@@ -4,11 +4,12 @@
     cmat prepare-model [--set model.base=tiny-random]
     cmat collect [--set collect.shard=2026-11-16]   # then: filter, augment, distill, general, mix
     cmat sft [--set sft.method=ptuning]
+    cmat cmat [--set cmat.iterations=1]             # CMAT actor-critic tuning (tune.py)
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
     cmat pull --alias production --what adapter      # artifacts from the S3 registry
-Every stage reads params.yaml (`--params` for another file) and takes `--set KEY=VALUE` overrides.
     cmat serve [--set serve.adapter='']               # an OpenAI-compatible endpoint (docs/SERVING.md)
     cmat checker-eval | cmat prompt-eval              # the paper's Table I and Table III
+Every stage reads params.yaml (`--params` for another file) and takes `--set KEY=VALUE` overrides.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ STAGES = {
     "general": "cmat_pipeline.general",
     "mix": "cmat_pipeline.mix",
     "sft": "cmat_pipeline.sft",
+    "cmat": "cmat_pipeline.tune",
     "evaluate": "cmat_pipeline.evaluate",
+    "evaluate-os": "cmat_pipeline.evaluate_os",
     "pull": "cmat_pipeline.registry",
-}
-
-
     "serve": "cmat_pipeline.serve",
     "checker-eval": "cmat_pipeline.checker_eval",
     "prompt-eval": "cmat_pipeline.prompt_eval",
+}
+
+
 def stage_args(description: str, argv: list[str] | None,
                extra: "callable | None" = None) -> tuple[Params, argparse.Namespace]:
     """Parse the options every stage shares; returns the validated params and the namespace."""

@@ -153,8 +153,14 @@ class EvaluateConfig:
     policy: Literal["model", "oracle", "openai", "smoa"] = "model"
     """`model`: model.dir (+ adapter); `oracle`: replays the gold SQL; `openai`: the `openai` endpoint;
     `smoa`: a mixture of agents as the `smoa` section configures it."""
-    adapter: str = "artifacts/sft"
-    """PEFT adapter folder applied on top of model.dir (default: the `sft` stage's output); '' for the base model."""
+    adapter: str = "artifacts/cmat"
+    """PEFT adapter folder applied on top of model.dir (default: the `cmat` stage's actor; `artifacts/sft` for
+    SFT only); '' for the base model."""
+    memory: str = ""
+    """A reflection memory (the cmat stage's memory.sqlite) whose lessons are recalled into each task's prompt;
+    '' = no long-term memory at evaluation."""
+    memory_k: int = 2
+    """Lessons recalled per task when `memory` is set."""
     limit: int = 0
     """Evaluate only the first N tasks (0 = all)."""
     prompt: Literal["full", "terse", "none"] = "full"
@@ -366,7 +372,7 @@ class SFTConfig:
 
     method: Literal["lora", "ptuning", "full"] = "lora"
     """`lora` and `ptuning` write a PEFT adapter; `full` writes a whole model (use a ~10x lower learning_rate)."""
-    max_steps: int = 30
+    max_steps: int = 60
     """Optimizer steps; one step sees per_device_batch_size x grad_accum_steps x GPUs sequences."""
     per_device_batch_size: int = 2
     """Sequences per forward pass on each device (CPU: ~2 GB of fp32 activations per 600-token sequence)."""
@@ -488,6 +494,95 @@ class SMoAConfig:
         _check(self.layers >= 1, "smoa.layers", "must be >= 1")
         _check(1 <= self.top_k <= len(self.proposers), "smoa.top_k",
                f"must be between 1 and the number of proposers ({len(self.proposers)})")
+
+
+@dataclass
+class CMATConfig:
+    """The `cmat` stage: feedback-driven actor-critic tuning of the SFT policy (paper eqs. 3-8).
+
+    Each iteration the User poses `episodes` training tasks, the Assistant (actor) plays them with the
+    Checker verifying every action before it runs, then the actor and the critic are updated."""
+
+    init_adapter: str = "artifacts/sft"
+    """The SFT LoRA adapter the actor starts from (and the frozen KL reference); '' starts a new LoRA on model.dir."""
+    tasks: str = ""
+    """Task pool: '' = the dbbench tasks of mix.out_dir/train.jsonl (curated, decontaminated); or a dbbench file.
+    Evaluation splits are refused."""
+    iterations: int = 2
+    """Rollout + update rounds."""
+    episodes: int = 16
+    """Episodes played per iteration (all active episodes share one `generate` call per turn)."""
+    curriculum: Literal["uniform", "by_success"] = "by_success"
+    """How the User samples tasks: uniformly, or task types weighted towards those the Assistant fails more."""
+    temperature: float = 0.7
+    """Sampling temperature of rollouts (exploration); evaluation stays greedy."""
+    max_new_tokens: int = 128
+    """Tokens per assistant turn during rollouts."""
+    success_reward: float = 1.0
+    """Reward after the last turn of a correct episode."""
+    failure_reward: float = 0.0
+    """Reward after the last turn of a failed episode."""
+    feedback_weight: float = 1.0
+    """Weight of the Checker's per-turn reward (a veto scores checker.veto_reward) in r_t."""
+    veto: bool = True
+    """Checker-in-the-loop: a failed check blocks the action and shows the feedback. false = ablation: actions
+    always run (the Checker still scores them)."""
+    veto_reward: float = -0.5
+    """Reward of a turn the Checker rejects."""
+    max_vetoes: int = 3
+    """Vetoes per episode before the environment judges turns on its own."""
+    value_function: bool = True
+    """Critic V(s) trained by TD (eq. 5); false = ablation: REINFORCE with the batch's mean return as baseline."""
+    gamma: float = 0.9
+    """Discount of the turn-level TD error delta_t = r_t + gamma V(s_t+1) - V(s_t) (eq. 4)."""
+    gae_lambda: float = 0.0
+    """0 = TD(0) advantages (eq. 4); (0, 1] = GAE(lambda)."""
+    clip: float = 0.2
+    """PPO clip range of the importance ratio; 0 = the plain policy gradient of eq. 3."""
+    kl_coef: float = 0.05
+    """Weight of the KL penalty to the SFT reference; 0 = ablation without KL."""
+    memory: bool = True
+    """Long-term memory: reflections after failed or vetoed episodes, recalled into similar tasks' prompts (eqs. 6-7)."""
+    memory_k: int = 2
+    """Lessons recalled per task."""
+    reflection_loss_weight: float = 0.5
+    """Weight of the supervised term on corrected actions (eq. 8): accepted turns right after a veto or an SQL
+    error in a correct episode; 0 = ablation."""
+    actor_lr: float = 2e-5
+    """Learning rate of the actor's LoRA weights."""
+    critic_lr: float = 1e-4
+    """Learning rate of the critic's LoRA weights and value head."""
+    ppo_epochs: int = 1
+    """Passes over each iteration's episodes."""
+    minibatch_episodes: int = 4
+    """Episodes per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_seq_len: int = 2048
+    """Episodes longer than this (tokens) are cut to their first max_seq_len tokens for the update."""
+    critic_lora_r: int = 8
+    """LoRA rank of the critic's own adapter on the shared base model."""
+    seed: int = 0
+    """Seed of task sampling, rollouts and the critic's init."""
+    out_dir: str = "artifacts/cmat"
+    """The tuned actor adapter (loadable like the sft adapter), critic/, memory.sqlite, metrics.json, plots/,
+    checkpoints/ (resume after a kill)."""
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "episodes", "ppo_epochs", "minibatch_episodes", "max_new_tokens", "critic_lora_r",
+                    "max_vetoes"):
+            _check(getattr(self, key) >= (0 if key == "max_vetoes" else 1), f"cmat.{key}",
+                   "must be >= 0" if key == "max_vetoes" else "must be >= 1")
+        _check(0 <= self.gamma <= 1, "cmat.gamma", "must be in [0, 1]")
+        _check(0 <= self.gae_lambda <= 1, "cmat.gae_lambda", "must be in [0, 1] (0 = TD(0))")
+        _check(0 <= self.clip < 1, "cmat.clip", "must be in [0, 1) (0 = no clipping)")
+        _check(self.temperature >= 0, "cmat.temperature", "must be >= 0 (0 = greedy rollouts)")
+        for key in ("kl_coef", "reflection_loss_weight", "feedback_weight", "memory_k", "max_grad_norm"):
+            _check(getattr(self, key) >= 0, f"cmat.{key}", "must be >= 0 (0 turns it off)")
+        _check(self.actor_lr > 0 and self.critic_lr > 0, "cmat.actor_lr", "learning rates must be > 0")
+        _check(self.veto_reward <= 0, "cmat.veto_reward", "must be <= 0 (a veto is a penalty)")
+        _check(self.max_seq_len >= 256, "cmat.max_seq_len", "must be >= 256 (the AgentBench prompt alone is ~400 tokens)")
+        _check(bool(self.out_dir.strip()), "cmat.out_dir", "must name a folder")
 
 
 @dataclass
@@ -650,10 +745,13 @@ class Params:
     distill: DistillConfig = field(default_factory=DistillConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    cmat: CMATConfig = field(default_factory=CMATConfig)
     smoa: SMoAConfig = field(default_factory=SMoAConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     checker_eval: CheckerEvalConfig = field(default_factory=CheckerEvalConfig)
     prompt_eval: PromptEvalConfig = field(default_factory=PromptEvalConfig)
+    os: OSConfig = field(default_factory=OSConfig)
+    kg: KGConfig = field(default_factory=KGConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
