@@ -752,8 +752,6 @@ class Params:
     prompt_eval: PromptEvalConfig = field(default_factory=PromptEvalConfig)
     os: OSConfig = field(default_factory=OSConfig)
     kg: KGConfig = field(default_factory=KGConfig)
-    os: OSConfig = field(default_factory=OSConfig)
-    kg: KGConfig = field(default_factory=KGConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
