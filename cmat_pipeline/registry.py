@@ -9,6 +9,7 @@ Layout under `s3://<bucket>/<prefix>/`:
     runs/<run_id>/manifest.json                        written last: sha256 + size of every file;
                                                        a run without it is incomplete, never pulled
     aliases/<name>.json                                {"run_id": ...}: `latest`, `production`
+    checkpoints/<run_id>/<stage>/files/..., manifest.json   a finished stage's outputs, for a retry elsewhere
 Every object also carries its sha256 as metadata; each upload is checked (HEAD: size + checksum) before
 the next, and `pull` verifies every byte it writes and resumes interrupted downloads from a `.part` file.
 
@@ -55,6 +56,7 @@ MANIFEST = "manifest.json"
 DEFAULT_METRIC = "overall_cat_accuracy"
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+STAGE_RE = ALIAS_RE
 CHUNK = 1 << 20
 
 Progress = Callable[[str, int, int], None]
@@ -329,10 +331,10 @@ class Registry:
                                     "different files; runs are immutable: use a new run id (or overwrite=True)")
             with self._s3(f"unpublishing run {run_id}"):  # the run is incomplete until its new manifest lands
                 self.client.delete_object(Bucket=self.config.bucket, Key=self.run_key(run_id, MANIFEST))
-        self._abort_stale_uploads(run_id)
+        self._abort_stale_uploads(self.run_key(run_id) + "/", f"run {run_id}")
         for f in files:
             self._upload_verified(self.run_key(run_id, f.rel), f, on_progress)
-        self._delete_strays(run_id, keep=set(entries))
+        self._delete_strays(self.run_key(run_id) + "/", keep=set(entries) | {MANIFEST}, what=f"run {run_id}")
         manifest = {"format": 1, "run_id": run_id, "published_at": _now(), "files": entries,
                     "metrics": _read_metrics(files)}
         self._put_json(self.run_key(run_id, MANIFEST), manifest)
@@ -374,25 +376,76 @@ class Registry:
     def _matches(head: dict[str, Any] | None, size: int, sha256: str) -> bool:
         return bool(head) and head.get("ContentLength") == size and head.get("Metadata", {}).get("sha256") == sha256
 
-    def _abort_stale_uploads(self, run_id: str) -> None:
+    def _abort_stale_uploads(self, prefix: str, what: str) -> None:
         """Multipart uploads left by a crashed attempt hold hidden partial data; drop them before retrying."""
-        prefix = self.run_key(run_id) + "/"
-        with self._s3(f"cleaning unfinished uploads of run {run_id}"):
+        with self._s3(f"cleaning unfinished uploads of {what}"):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.config.bucket,
                                                                                  Prefix=prefix)
             for upload in (u for page in pages for u in page.get("Uploads", [])):
                 self.client.abort_multipart_upload(Bucket=self.config.bucket, Key=upload["Key"],
                                                    UploadId=upload["UploadId"])
 
-    def _delete_strays(self, run_id: str, keep: set[str]) -> None:
-        """Objects of an earlier attempt that this publish does not contain (files renamed or removed since)."""
-        root = self.run_key(run_id) + "/"
+    def _delete_strays(self, root: str, keep: set[str], what: str) -> None:
+        """Objects under `root` of an earlier attempt that this upload does not contain (renamed or removed since)."""
         objects, _ = self._list(root)
-        stray = [o["Key"] for o in objects if o["Key"][len(root):] not in keep | {MANIFEST}]
-        with self._s3(f"removing stale files of run {run_id}"):
+        stray = [o["Key"] for o in objects if o["Key"][len(root):] not in keep]
+        with self._s3(f"removing stale files of {what}"):
             for start in range(0, len(stray), 1000):
                 self.client.delete_objects(Bucket=self.config.bucket, Delete={
                     "Objects": [{"Key": k} for k in stray[start:start + 1000]], "Quiet": True})
+
+    # ---- stage checkpoints -----------------------------------------------------------------------------
+    def checkpoint_key(self, run_id: str, stage: str, rel: str = "") -> str:
+        check_run_id(run_id)
+        if not STAGE_RE.fullmatch(stage):
+            raise RegistryError(f"stage name {stage!r}: use lowercase letters, digits, '-' or '_'")
+        return self.config.key("checkpoints", run_id, stage, rel)
+
+    def push_checkpoint(self, run_id: str, stage: str, root: str | Path, paths: Sequence[str], *,
+                        on_progress: Progress | None = None) -> dict[str, Any]:
+        """Upload what `stage` of `run_id` wrote (`paths`: files or folders relative to `root`), so that a retry
+        on another machine restores it instead of running the finished stages again.
+
+        Verified file by file like a publish, manifest last: until it lands the checkpoint does not exist, so
+        an interrupted push is never restored half. Pushing the same files again uploads nothing; files that
+        are gone since an earlier push are removed.
+        """
+        root = Path(root)
+        files = _checkpoint_files(root, paths)
+        entries = {f.rel: {"sha256": f.sha256, "size": f.size} for f in files}
+        manifest_key = self.checkpoint_key(run_id, stage, MANIFEST)
+        existing = self._get_json(manifest_key)
+        if existing is not None and existing.get("files") == entries:
+            return existing
+        what = f"checkpoint {stage} of run {run_id}"
+        with self._s3(f"invalidating {what}"):  # the old checkpoint must not be restored while it changes
+            self.client.delete_object(Bucket=self.config.bucket, Key=manifest_key)
+        files_root = self.checkpoint_key(run_id, stage, "files") + "/"
+        self._abort_stale_uploads(files_root, what)
+        for f in files:
+            self._upload_verified(files_root + f.rel, f, on_progress)
+        self._delete_strays(files_root, keep=set(entries), what=what)
+        manifest = {"format": 1, "run_id": run_id, "stage": stage, "pushed_at": _now(), "files": entries}
+        self._put_json(manifest_key, manifest)
+        return manifest
+
+    def restore_checkpoint(self, run_id: str, stage: str, root: str | Path,
+                           on_progress: Progress | None = None) -> dict[str, Any] | None:
+        """Download `stage`'s checkpoint of `run_id` into `root` (verified, resumable); None if it has none."""
+        manifest = self._get_json(self.checkpoint_key(run_id, stage, MANIFEST))
+        if manifest is None:
+            return None
+        files_root = self.checkpoint_key(run_id, stage, "files") + "/"
+        downloaded = sum(self._download_verified(files_root + rel, entry, _safe_target(Path(root), rel), on_progress)
+                         for rel, entry in sorted(manifest["files"].items()))
+        return {"run_id": run_id, "stage": stage, "files": len(manifest["files"]), "downloaded_bytes": downloaded}
+
+    def list_checkpoints(self, run_id: str) -> list[str]:
+        """Stages of `run_id` with a complete checkpoint."""
+        prefix = self.config.key("checkpoints", check_run_id(run_id)) + "/"
+        objects, _ = self._list(prefix)
+        parts = [o["Key"][len(prefix):].split("/") for o in objects]
+        return sorted(p[0] for p in parts if len(p) == 2 and p[1] == MANIFEST)
 
     # ---- aliases -----------------------------------------------------------------------------------
     def alias_key(self, name: str) -> str:
@@ -520,6 +573,22 @@ def make_client(config: RegistryConfig) -> Any:
                       connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
                       # MinIO and other self-hosted servers want path-style URLs (no bucket DNS names)
                       s3={"addressing_style": "path"} if config.endpoint_url else {}))
+
+
+def _checkpoint_files(root: Path, paths: Sequence[str]) -> list[LocalFile]:
+    """The files under `root`/`path` for every path (a file, or a folder taken whole); a missing path is an error."""
+    files = []
+    for rel in paths:
+        target = _safe_target(root, rel)
+        if not target.exists():
+            raise RegistryError(f"cannot checkpoint {target}: it does not exist")
+        for path in [target] if target.is_file() else sorted(target.rglob("*")):
+            if path.is_file() and not path.name.endswith(".part"):
+                files.append(LocalFile(path.relative_to(root).as_posix(), path, "checkpoint", path.stat().st_size,
+                                       sha256_file(path)))
+    if not files:
+        raise RegistryError(f"nothing to checkpoint under {root} for {list(paths)}")
+    return files
 
 
 def check_run_id(run_id: str) -> str:

@@ -407,6 +407,68 @@ def test_s3_outage_during_publish_then_retry_leaves_one_complete_copy(s3_endpoin
         (tmp_path / "run/adapter/adapter_model.safetensors").read_bytes()
 
 
+def make_stage_outputs(root: Path) -> list[str]:
+    """What a finished `collect` leaves in a workspace: a folder of shards and the attempt record."""
+    shards = root / "artifacts/data/raw/trajectories"
+    shards.mkdir(parents=True, exist_ok=True)
+    (shards / "2026-11-16.jsonl").write_bytes(os.urandom(7 * MIB + 3))  # multipart
+    (shards / "2026-11-16.manifest.json").write_text('{"fingerprint": "abc"}')
+    (root / ".cmat/stages").mkdir(parents=True, exist_ok=True)
+    (root / ".cmat/stages/collect.json").write_text('{"returncode": 0}')
+    return ["artifacts/data/raw", ".cmat/stages/collect.json"]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_stage_checkpoint_restores_on_another_machine_and_survives_an_outage(s3_endpoint, bucket, tmp_path):
+    """A finished stage's outputs go to the registry so a retry on another worker (an empty workspace) gets
+    them back byte for byte; a push cut by an outage leaves no checkpoint, and pushing again completes it."""
+    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.up()
+    registry = Registry(_config(proxy.endpoint, bucket, multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
+    direct = Registry(_config(s3_endpoint, bucket))
+    worker_a, worker_b = tmp_path / "a", tmp_path / "b"
+    paths = make_stage_outputs(worker_a)
+    crashed = []
+
+    def crash(key: str, done: int, total: int) -> None:
+        if key.endswith(".jsonl") and done >= 5 * MIB and not crashed:
+            crashed.append(done)
+            proxy.down()
+
+    try:
+        with pytest.raises(RegistryError, match="cannot reach the S3 endpoint"):
+            registry.push_checkpoint("run-1", "collect", worker_a, paths, on_progress=crash)
+        assert crashed and direct.list_checkpoints("run-1") == []
+        assert direct.restore_checkpoint("run-1", "collect", worker_b) is None, "half a push is never restored"
+        proxy.up()
+        registry.push_checkpoint("run-1", "collect", worker_a, paths)
+    finally:
+        try:
+            proxy.down()
+        except Exception:
+            pass
+    assert direct.list_checkpoints("run-1") == ["collect"] and direct.list_runs() == [], "not a published run"
+    restored = direct.restore_checkpoint("run-1", "collect", worker_b)
+    assert restored["files"] == 3 and tree(worker_b) == tree(worker_a)
+    uploads = direct.client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert not uploads, "no partial multipart data left"
+
+    sent = []
+    direct.push_checkpoint("run-1", "collect", worker_a, paths, on_progress=lambda *a: sent.append(a))
+    assert sent == [], "an unchanged checkpoint uploads nothing"
+    (worker_a / "artifacts/data/raw/trajectories/2026-11-16.manifest.json").unlink()  # a retry changed the outputs
+    (worker_a / ".cmat/stages/collect.json").write_text('{"returncode": 0, "attempt": 2}')
+    direct.push_checkpoint("run-1", "collect", worker_a, paths)
+    fresh = tmp_path / "c"
+    direct.restore_checkpoint("run-1", "collect", fresh)
+    assert tree(fresh) == tree(worker_a), "files gone since the last push are gone from the checkpoint"
+    with pytest.raises(RegistryError, match="cannot checkpoint .*missing"):
+        direct.push_checkpoint("run-1", "sft", worker_a, ["artifacts/missing"])
+
+
 def _dvc(repo: Path, *args: str, env: dict) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=120)
