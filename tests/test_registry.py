@@ -365,25 +365,34 @@ class OutageProxy:
             sock.close()
 
 
+def behind_a_proxy(s3_endpoint: str, bucket: str) -> tuple[OutageProxy, Registry, Registry]:
+    """(proxy, a registry talking through it with 5 MiB parts, a registry talking to the server directly)."""
+    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.up()
+    registry = Registry(_config(proxy.endpoint, bucket, multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
+    return proxy, registry, Registry(_config(s3_endpoint, bucket))
+
+
+def crash_once(proxy: OutageProxy, suffix: str, after: int, crashed: list[int]):
+    """A progress callback that takes the server down once a `suffix` file has moved `after` bytes."""
+    def on_progress(key: str, done: int, total: int) -> None:
+        if key.endswith(suffix) and done >= after and not crashed:
+            crashed.append(done)
+            proxy.down()
+    return on_progress
+
+
 def test_s3_outage_during_publish_then_retry_leaves_one_complete_copy(s3_endpoint, bucket, tmp_path):
     """The server goes away in the middle of a multipart upload: the publish fails with a clear error and the
     run stays invisible (no manifest). Once the server is back, the same publish finishes the run: the remote
     holds exactly one complete, byte-identical copy and no partial multipart data."""
-    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    proxy.up()
-    registry = Registry(_config(proxy.endpoint, bucket, multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
-    direct = Registry(_config(s3_endpoint, bucket))
+    proxy, registry, direct = behind_a_proxy(s3_endpoint, bucket)
     artifacts = make_run(tmp_path / "run", adapter_bytes=12 * MIB + 7)  # 3 parts
-    crashed = []
-
-    def crash_mid_adapter(key: str, done: int, total: int) -> None:
-        if key.endswith(".safetensors") and done >= 6 * MIB and not crashed:
-            crashed.append(done)
-            proxy.down()
+    crashed: list[int] = []
 
     try:
         with pytest.raises(RegistryError) as err:
-            registry.publish_run("run-1", artifacts, on_progress=crash_mid_adapter)
+            registry.publish_run("run-1", artifacts, on_progress=crash_once(proxy, ".safetensors", 6 * MIB, crashed))
         assert crashed, "the outage happened during the upload"
         assert f"cannot reach the S3 endpoint {proxy.endpoint}" in str(err.value)
         assert "run the same command again" in str(err.value) and SECRET not in _all_text(err.value)
@@ -425,22 +434,15 @@ def tree(root: Path) -> dict[str, bytes]:
 def test_stage_checkpoint_restores_on_another_machine_and_survives_an_outage(s3_endpoint, bucket, tmp_path):
     """A finished stage's outputs go to the registry so a retry on another worker (an empty workspace) gets
     them back byte for byte; a push cut by an outage leaves no checkpoint, and pushing again completes it."""
-    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    proxy.up()
-    registry = Registry(_config(proxy.endpoint, bucket, multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
-    direct = Registry(_config(s3_endpoint, bucket))
+    proxy, registry, direct = behind_a_proxy(s3_endpoint, bucket)
     worker_a, worker_b = tmp_path / "a", tmp_path / "b"
     paths = make_stage_outputs(worker_a)
-    crashed = []
-
-    def crash(key: str, done: int, total: int) -> None:
-        if key.endswith(".jsonl") and done >= 5 * MIB and not crashed:
-            crashed.append(done)
-            proxy.down()
+    crashed: list[int] = []
 
     try:
         with pytest.raises(RegistryError, match="cannot reach the S3 endpoint"):
-            registry.push_checkpoint("run-1", "collect", worker_a, paths, on_progress=crash)
+            registry.push_checkpoint("run-1", "collect", worker_a, paths,
+                                     on_progress=crash_once(proxy, ".jsonl", 5 * MIB, crashed))
         assert crashed and direct.list_checkpoints("run-1") == []
         assert direct.restore_checkpoint("run-1", "collect", worker_b) is None, "half a push is never restored"
         proxy.up()

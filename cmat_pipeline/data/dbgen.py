@@ -1123,11 +1123,7 @@ def _check_args(n: Any, seed: Any, shard: Any, types: Sequence[str] | None) -> t
         raise ValueError(f"shard must be a string, got {shard!r}")
     if types is None:
         return DB_TASK_TYPES
-    if isinstance(types, str):
-        types = [types]
-    unknown = [t for t in types if t not in DB_TASK_TYPES]
-    if unknown:
-        raise ValueError(f"unknown dbbench task type(s) {unknown}; allowed: {', '.join(DB_TASK_TYPES)}")
+    types = _known(types, DB_TASK_TYPES, "dbbench task type(s)")
     if not types:
         raise ValueError(f"types must name at least one of: {', '.join(DB_TASK_TYPES)}")
     return tuple(dict.fromkeys(types))
@@ -1137,12 +1133,17 @@ def domain_specs(domains: Sequence[str] | None) -> tuple[Domain, ...]:
     """The built-in domains named in `domains` (all of them when None or empty), in built-in order."""
     if not domains:
         return _DOMAIN_SPECS
-    if isinstance(domains, str):
-        domains = [domains]
-    unknown = [d for d in domains if d not in DOMAINS]
+    wanted = set(_known(domains, DOMAINS, "table domain(s)"))
+    return tuple(d for d in _DOMAIN_SPECS if d.name in wanted)
+
+
+def _known(names: Sequence[str] | str, allowed: Sequence[str], what: str) -> list[str]:
+    """`names` as a list (a bare string is one name); ValueError listing the unknown ones and the choices."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"unknown table domain(s) {unknown}; allowed: {', '.join(DOMAINS)}")
-    return tuple(d for d in _DOMAIN_SPECS if d.name in set(domains))
+        raise ValueError(f"unknown {what} {unknown}; allowed: {', '.join(allowed)}")
+    return names
 
 
 def derive_seed(seed: int, shard: str, index: int) -> int:
