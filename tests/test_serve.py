@@ -164,3 +164,18 @@ def test_evaluate_against_the_server(base_url, db_dev_file, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["messages"][0]["content"].lstrip().startswith("I will ask you") for r in rows)
     assert stats(base_url)["requests"] - before["requests"] >= 2
+
+
+def test_agentbench_http_agent_request_shape(base_url):
+    """What AgentBench's HTTPAgent posts (its agent config's body + role/content messages) and reads back
+    (`response[choices][0][message][content]`); a context overflow must carry the words its rule looks for."""
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "the task prompt"}, {"role": "assistant", "content": "Ok."},
+        {"role": "user", "content": "the question"}]}
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer EMPTY"}
+    reply = httpx.post(base_url + "/chat/completions", json=body, headers=headers)
+    assert reply.status_code == 200 and isinstance(reply.json()["choices"][0]["message"]["content"], str)
+    overflow = dict(body, messages=[{"role": "user", "content": "word " * 1200}])
+    reply = httpx.post(base_url + "/chat/completions", json=overflow, headers=headers)
+    text = reply.text.lower()
+    assert reply.status_code == 400 and "context" in text and "maximum" in text and "tokens" in text
