@@ -126,12 +126,14 @@ def collect(params: Params, policy: Policy | None = None, progress: bool = True)
     teacher = policy or build_teacher(params, db_entries)
     done = _resume_state(paths, _fingerprint(pool, teacher.name))
     todo = [e for e in db_entries if e["id"] not in done]
+    os_todo = [dict(p["task"], id=p["id"], source=p["source"]) for p in pool
+               if p["domain"] == "os" and cfg.play_os and p["id"] not in done]
     imported, rejected = _import_conversations(params, done)
     write_jsonl(paths["quarantine"], rejected)
 
     paths["trajectories"].parent.mkdir(parents=True, exist_ok=True)
     with paths["trajectories"].open("a", encoding="utf-8") as sink, \
-            tqdm(total=len(todo), desc=f"collect {cfg.shard}", unit="task", disable=not progress) as bar:
+            tqdm(total=len(todo) + len(os_todo), desc=f"collect {cfg.shard}", unit="task", disable=not progress) as bar:
         def keep(record: dict[str, Any]) -> None:
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()  # a kill loses at most the episode being written
@@ -146,12 +148,30 @@ def collect(params: Params, policy: Policy | None = None, progress: bool = True)
                           source=f"{GENERATED_SOURCE}:{cfg.shard}", on_record=keep, where=str(paths["tasks"]))
         finally:
             backend.close()
+        os_skipped = _play_os(params, os_todo, teacher, policy is None and cfg.teacher == "oracle", keep, bar)
     report = shard_report(params, pool, paths, teacher.name, resumed=len(done), rejected=len(rejected),
                           wall=time.perf_counter() - start)
+    if cfg.play_os:
+        report.update(played_domains=["db", "os"], os_unsupported=os_skipped,
+                      pooled_not_played={d: n for d, n in report["pooled_not_played"].items() if d != "os"})
     paths["reports"].parent.mkdir(parents=True, exist_ok=True)
     paths["reports"].write_text(json.dumps(report, indent=2) + "\n")
     save_resolved(params, Path(cfg.out_dir) / "reports", f"{cfg.shard}.params.yaml")
     return report
+
+
+def _play_os(params: Params, entries: list[dict[str, Any]], teacher: Policy, oracle: bool, keep, bar) -> int:
+    """Play the pool's OS entries (collect.play_os); returns how many are unsupported here (not played)."""
+    if not entries:
+        return 0
+    from cmat_pipeline.data.os_teacher import os_tasks, os_teacher, play_os_tasks
+
+    tasks = os_tasks(entries, params.os, "os pool")
+    skipped = sum(bool(t.unsupported) for t in tasks)
+    bar.update(skipped)
+    play_os_tasks(entries, os_teacher(teacher, tasks, oracle), params.os, concurrency=params.generation.batch_size,
+                  source=f"agentbench:{params.collect.shard}", on_record=keep, tasks=tasks)
+    return skipped
 
 
 def shard_report(params: Params, pool: list[dict[str, Any]], paths: dict[str, Path], teacher: str, *,

@@ -207,6 +207,8 @@ class CollectConfig:
     import_tasks: list[str] = field(default_factory=list)
     """AgentBench task files added to the task pool (dbbench files are played by the teacher; OS tasks are
     pooled for the OS environment), e.g. ../shared/agentbench/os_interaction/training.json."""
+    play_os: bool = False
+    """Also play the pool's OS tasks, each in a sandbox (`os` section); `oracle` plays their example solutions."""
     import_conversations: list[str] = field(default_factory=list)
     """ShareGPT / AgentInstruct / OpenAI-messages conversation files (json, jsonl, parquet) imported as trajectories."""
     out_dir: str = "artifacts/data/raw"

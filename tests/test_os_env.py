@@ -345,3 +345,23 @@ def test_evaluate_os_writes_outputs(tmp_path):
     assert written["accuracy"] == metrics["accuracy"] == 100.0 and written["unsupported"] == 1
     assert len((tmp_path / "eval_os" / "trajectories.jsonl").read_text().splitlines()) == 4
     assert "unsupported" in (tmp_path / "eval_os" / "report.md").read_text()
+
+
+def test_collect_plays_pooled_os_tasks_with_the_example_oracle(tmp_path):
+    from cmat_pipeline.collect import collect
+    from cmat_pipeline.config import build
+    from cmat_pipeline.data.records import iter_jsonl
+
+    dev = json.loads(OS_DEV.read_text())
+    task_file = tmp_path / "os.json"
+    task_file.write_text(json.dumps([dev[6], dev[22], dev[25]]))  # integer-match, string-match, unsupported init file
+    params = build(Params, {"collect": {"db_tasks": 0, "import_tasks": [str(task_file)], "play_os": True,
+                                        "out_dir": str(tmp_path / "raw")}})
+    report = collect(params, progress=False)
+    rows = [row for _, row in iter_jsonl(tmp_path / "raw" / "trajectories" / "dev.jsonl")]
+    assert report["os_unsupported"] == 1 and report["played_domains"] == ["db", "os"]
+    assert report["trajectories"] == report["correct"] == 2 and "os" not in report["pooled_not_played"]
+    assert {r["task_type"] for r in rows} == {"integer-match", "string-match"} and {r["domain"] for r in rows} == {"os"}
+    assert rows[0]["question"].startswith("Now, I will start a new problem") and rows[0]["messages"][-1]["role"] == "assistant"
+    again = collect(params, progress=False)  # resumable: nothing is played twice
+    assert again["resumed_from"] == 2 and again["trajectories"] == 2
