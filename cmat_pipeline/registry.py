@@ -336,7 +336,7 @@ class Registry:
             self._upload_verified(self.run_key(run_id, f.rel), f, on_progress)
         self._delete_strays(self.run_key(run_id) + "/", keep=set(entries) | {MANIFEST}, what=f"run {run_id}")
         manifest = {"format": 1, "run_id": run_id, "published_at": _now(), "files": entries,
-                    "metrics": _read_metrics(files)}
+                    "metrics": _read_metrics(files), "evaluation": _evaluation(files)}
         self._put_json(self.run_key(run_id, MANIFEST), manifest)
         self._advance_latest(run_id, manifest["published_at"])
         return manifest
@@ -483,9 +483,15 @@ class Registry:
             if current == run_id:
                 return {**decision, "promoted": False, "reason": f"{run_id} already is {alias}"}
             try:
-                decision["previous_value"] = metric_value(self.read_manifest(current), metric, current)
+                champion = self.read_manifest(current)
+                decision["previous_value"] = metric_value(champion, metric, current)
             except RegistryError:
-                decision["previous_value"] = None  # the old run lacks the metric (or is gone): the new one wins
+                champion, decision["previous_value"] = {}, None  # the old run lacks the metric (or is gone): new wins
+            mine, theirs = self.read_manifest(run_id).get("evaluation"), champion.get("evaluation")
+            if mine and theirs and mine != theirs:
+                return {**decision, "promoted": False,
+                        "reason": f"not comparable: {run_id} was evaluated on {_describe(mine)}, {alias} ({current}) "
+                                  f"on {_describe(theirs)}; evaluate both alike, or set the alias by hand"}
         previous = decision["previous_value"]
         better = previous is None or (not math.isnan(value) and value > previous)
         if not better:
@@ -627,6 +633,20 @@ def _read_metrics(files: list[LocalFile]) -> dict[str, dict[str, Any]]:
                 out[Path(f.rel).stem] = {k: v for k, v in data.items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return out
+
+
+def _evaluation(files: list[LocalFile]) -> dict[str, Any] | None:
+    """What the run was evaluated on (task file name and count, from metrics/evaluate.json): promotion only
+    compares runs evaluated alike."""
+    source = next((f for f in files if f.rel == "metrics/evaluate.json"), None)
+    data = json.loads(source.path.read_text()) if source else {}
+    if not isinstance(data, dict) or "tasks" not in data:
+        return None
+    return {"task_file": Path(str(data.get("task_file", ""))).name, "tasks": data["tasks"]}
+
+
+def _describe(evaluation: dict[str, Any]) -> str:
+    return f"{evaluation['tasks']} tasks of {evaluation['task_file'] or 'an unnamed task file'}"
 
 
 def _safe_target(dest: Path, rel: str) -> Path:

@@ -71,11 +71,12 @@ def registry(s3_endpoint, bucket) -> Registry:
     return Registry(_config(s3_endpoint, bucket))
 
 
-def make_run(root: Path, accuracy: float = 40.0, adapter_bytes: int = 300_000) -> dict:
+def make_run(root: Path, accuracy: float = 40.0, adapter_bytes: int = 300_000, tasks: int = 60) -> dict:
     """A run's outputs as the pipeline lays them out: params, metrics, dataset card, adapter, report."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text("model:\n  base: tiny-random\n")
-    (root / "metrics.json").write_text(json.dumps({"overall_cat_accuracy": accuracy, "tasks": 60, "policy": "hf"}))
+    (root / "metrics.json").write_text(json.dumps({"overall_cat_accuracy": accuracy, "tasks": tasks, "policy": "hf",
+                                                   "task_file": "../shared/agentbench/dbbench/dev.jsonl"}))
     card = root / "card"
     card.mkdir(exist_ok=True)
     (card / "card.json").write_text(json.dumps({"train": 10, "val": 2}))
@@ -185,6 +186,10 @@ def test_promotion_only_when_strictly_better(registry, tmp_path):
     assert registry.resolve_alias("production") == "r4"
     assert registry.read_alias("production")["previous_run"] == "r1"
     assert registry.promote_if_better("r4")["promoted"] is False
+    registry.publish_run("r5", make_run(tmp_path / "r5", 99.0, adapter_bytes=100, tasks=3))  # e.g. evaluate.limit=3
+    decision = registry.promote_if_better("r5")
+    assert decision["promoted"] is False and registry.resolve_alias("production") == "r4"
+    assert "not comparable: r5 was evaluated on 3 tasks of dev.jsonl, production (r4) on 60 tasks" in decision["reason"]
     with pytest.raises(RegistryError, match="no numeric metric 'nope'"):
         registry.promote_if_better("r4", metric="nope")
 
