@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from cmat_pipeline.config import Params, save_resolved
+from cmat_pipeline.data.records import write_jsonl
 from cmat_pipeline.errors import ConfigError
 from cmat_pipeline.runtime.policy import Conversation, Policy, PolicyOutput
 
@@ -221,11 +222,8 @@ def _group(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[dict[str,
 
 
 def write_outputs(out: Path, params: Params, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "predictions.jsonl", rows)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with (out / "predictions.jsonl").open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     save_resolved(params, out)
     lines = ["# Checker evaluation: SQL correction (paper Table I)", "",
              f"Policy `{metrics['policy']}`, {metrics['examples']} held-out examples (shard `{metrics['shard']}`, "

@@ -7,6 +7,8 @@ Protocol (kept byte-for-byte where it matters for scoring):
 At most `max_rounds` statements run. SELECT-type tasks are scored on the final answer; INSERT/UPDATE/DELETE
 on AgentBench's hash of the table after the episode. Outcomes follow the paper's Table IV.
 Task files are read as AgentBench ships them (dev.jsonl, standard.jsonl, or any file of that format).
+The opening prompt is AgentBench's (`full`); `terse` (a low-quality prompt) and `none` (the question alone)
+exist for the prompt-quality evaluation (the paper's Table III, `prompt_eval.py`).
 """
 
 from __future__ import annotations
