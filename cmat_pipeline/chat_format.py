@@ -27,12 +27,14 @@ class EncodedChat:
 def fixed_protocol_turns(messages: Sequence[dict[str, str]]) -> int:
     """Leading messages that are protocol, not decisions: AgentBench's prompt and its fixed "Ok." reply.
 
-    They are context, never targets: a model trained on "Ok." learns to answer a long task with "Ok."."""
+    They are context, never targets: a model trained on "Ok." learns to answer a long task with "Ok.".
+    The OS and KG prompts end in a one-shot example, the same in every conversation: context as well."""
+    from cmat_pipeline.envs import kg, os_interaction
     from cmat_pipeline.envs.dbbench import FIRST_REPLY, SYSTEM_PROMPT
 
     if len(messages) > 1 and messages[0].get("content") == SYSTEM_PROMPT and messages[1].get("content") == FIRST_REPLY:
         return 2
-    return 0
+    return os_interaction.protocol_turns(messages) or kg.protocol_turns(messages)
 
 
 def render(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:

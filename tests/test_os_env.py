@@ -365,3 +365,19 @@ def test_collect_plays_pooled_os_tasks_with_the_example_oracle(tmp_path):
     assert rows[0]["question"].startswith("Now, I will start a new problem") and rows[0]["messages"][-1]["role"] == "assistant"
     again = collect(params, progress=False)  # resumable: nothing is played twice
     assert again["resumed_from"] == 2 and again["trajectories"] == 2
+
+
+def test_os_and_kg_prompts_are_protocol_not_training_targets():
+    from cmat_pipeline.chat_format import fixed_protocol_turns
+    from cmat_pipeline.data.records import action_problem, make_record
+    from cmat_pipeline.envs.kg import generated_tasks
+
+    task = load_os_tasks(OS_DEV)[6]
+    messages = task.initial_messages() + [{"role": "assistant", "content": "Act: answer(8)"}]
+    assert fixed_protocol_turns(messages) == 6 and fixed_protocol_turns(messages[:6]) == 0
+    assert fixed_protocol_turns(generated_tasks()[0].initial_messages()) == 18
+    record = make_record(domain="os", source="t", teacher="t", task_type="integer-match", question=task.question,
+                         messages=messages)
+    assert action_problem(record) is None
+    record["messages"][-1]["content"] = "It is 8."
+    assert "does not parse as an AgentBench OS action (invalid_format)" in action_problem(record)

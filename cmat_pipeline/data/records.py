@@ -164,8 +164,20 @@ def _db_action_problem(messages: list[dict[str, str]]) -> str | None:
     return None
 
 
+def _os_action_problem(messages: list[dict[str, str]]) -> str | None:
+    from cmat_pipeline.chat_format import fixed_protocol_turns
+    from cmat_pipeline.envs.os_interaction import parse_action
+
+    for i in range(fixed_protocol_turns(messages), len(messages)):  # the one-shot example is protocol
+        if messages[i]["role"] == "assistant":
+            kind = parse_action(messages[i]["content"]).kind
+            if kind not in ("bash", "answer", "finish"):
+                return f"message {i}: assistant turn does not parse as an AgentBench OS action ({kind})"
+    return None
+
+
 # Domain -> checker of the assistant turns' action format; domains without one (general chat) pass.
-ACTION_CHECKERS = {"db": _db_action_problem}
+ACTION_CHECKERS = {"db": _db_action_problem, "os": _os_action_problem}
 
 
 def action_problem(record: dict[str, Any]) -> str | None:

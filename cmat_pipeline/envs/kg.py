@@ -310,6 +310,13 @@ class KGTask:
                 {"role": "user", "content": self.prompt}]
 
 
+def protocol_turns(messages: Sequence[dict[str, str]]) -> int:
+    """The leading messages that are AgentBench's KG prompt, reply and one-shot example (never a training
+    target), or 0."""
+    fixed = KGTask(0, "", {}, frozenset()).initial_messages()[:-1]
+    return len(fixed) if [dict(m) for m in messages[:len(fixed)]] == fixed and len(messages) > len(fixed) else 0
+
+
 def task_from_entry(entry: Any, index: int, where: str) -> KGTask:
     if not isinstance(entry, dict) or not isinstance(entry.get("question"), str):
         raise DataError(f"{where}: a KG task must be an object with a `question`")

@@ -175,6 +175,13 @@ class OSTask:
         return [first, *(dict(m) for m in ONE_SHOT[1:]), {"role": "user", "content": self.question}]
 
 
+def protocol_turns(messages: Sequence[dict[str, str]]) -> int:
+    """6 when `messages` open with AgentBench's OS prompt and one-shot example (the same for every task:
+    context, never a training target), else 0."""
+    fixed = OSTask(0, "").initial_messages()[:6]
+    return 6 if [dict(m) for m in messages[:6]] == fixed and len(messages) > 6 else 0
+
+
 class _Missing(Exception):
     """A script file the task needs is not available; the message names it."""
 
