@@ -34,13 +34,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--adapter", default="", help="PEFT adapter on top of model.dir ('' = base)")
+    parser.add_argument("--window-ms", type=float, default=None, help="serve.batch_window_ms (default: params.yaml's)")
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml")
     gen = dataclasses.replace(params.generation, max_new_tokens=args.max_tokens, batch_size=args.requests)
     policy = HFPolicy(params.model.dir, gen, adapter=args.adapter, device=params.model.device, dtype=params.model.dtype)
     conversations = [t.initial_messages() for t in load_tasks(params.evaluate.tasks, args.requests)]
-    cfg = dataclasses.replace(params.serve, adapter=args.adapter, max_batch_size=args.requests)
+    window = params.serve.batch_window_ms if args.window_ms is None else args.window_ms
+    cfg = dataclasses.replace(params.serve, adapter=args.adapter, max_batch_size=args.requests, batch_window_ms=window)
     rows = []
     with running_server(create_app(policy, cfg)) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
@@ -55,7 +57,10 @@ def main() -> None:
             if mode == "sequential":
                 replies = [ask(c) for c in conversations]
             else:
+                barrier = threading.Barrier(len(conversations))
+
                 def run(k):
+                    barrier.wait()  # all requests leave together, as from a client with N workers
                     replies[k] = ask(conversations[k])
                 threads = [threading.Thread(target=run, args=(k,)) for k in range(len(conversations))]
                 for t in threads:
@@ -77,9 +82,9 @@ def main() -> None:
                  "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
                  "batch_sizes": {str(len(outs)): 1}})
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"model": policy.name, "max_tokens": args.max_tokens, "rows": rows}
+    result = {"model": policy.name, "max_tokens": args.max_tokens, "batch_window_ms": window, "rows": rows}
     (OUT / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model {policy.name}, max_tokens {args.max_tokens}, greedy, DB dev first turns\n")
+    print(f"model {policy.name}, max_tokens {args.max_tokens}, batch window {window} ms, greedy, DB dev first turns\n")
     print("| mode | requests | wall (s) | completion tokens | tokens/s | generate calls by batch size |")
     print("|---|---|---|---|---|---|")
     for r in rows:
