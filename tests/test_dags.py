@@ -44,7 +44,8 @@ HEAVY = ("torch", "transformers", "peft", "boto3", "datasketch", "great_expectat
 # A pipeline run small enough for CPU in ~2 minutes.
 TINY = ["mix.self_distill_prompts=4", "mix.general_max_new_tokens=16", "mix.type_share=[0,1]", "sft.max_steps=2",
         "sft.warmup_steps=0", "sft.save_steps=1", "sft.eval_steps=0", "sft.val_samples=2", "evaluate.limit=3",
-        "generation.max_new_tokens=32"]
+        "generation.max_new_tokens=32", "cmat.iterations=1", "cmat.episodes=2", "cmat.max_new_tokens=16",
+        "cmat.max_vetoes=1"]
 TINY_CONF = {"base_model": "tiny-random", "db_tasks": 40, "method": "lora", "learning_rate": 0.001, "seed": 0,
              "overrides": TINY}
 
@@ -101,7 +102,8 @@ def test_dag_shape_retries_tags_schedule_assets(dag):
     assert dag.timetable.__class__.__name__ == "CronTriggerTimetable"  # a logical date per tick: backfillable
     assert dag.max_active_runs >= 2, "runs are isolated by workspace, so they may overlap"
     outlets = {t.task_id: [a.name for a in t.outlets] for t in dag.tasks if t.outlets}
-    assert outlets == {"mix": ["cmat_dataset"], "sft": ["cmat_adapter"], "evaluate": ["cmat_report"]}
+    assert outlets == {"mix": ["cmat_dataset"], "sft": ["cmat_sft_adapter"], "cmat": ["cmat_adapter"],
+                       "evaluate": ["cmat_report"]}
 
     from airflow.serialization.serialized_objects import DagSerialization
 
@@ -339,6 +341,24 @@ def test_dag_test_runs_the_whole_pipeline(dag, moto_registry, workspaces, monkey
     assert {"adapter/adapter_model.safetensors", "metrics/evaluate.json", "dataset/card.json"} <= set(manifest["files"])
     shard = workspaces / key / "artifacts/data/raw/trajectories/2026-11-16.jsonl"
     assert shard.is_file(), "a run with a logical date collects into that date's shard"
+
+
+@pytest.mark.slow
+def test_backfill_create_plans_one_run_per_monday():
+    """`airflow backfill create` (the CLI behind the UI's backfill dialog) on the serialized DAG: one run per
+    weekly logical date in the window, each of which collects into its own shard (shard_for)."""
+    env = dict(os.environ)
+    _migrate_db(env)
+    for args in (["dags", "reserialize"],
+                 ["backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-11-02", "--to-date", "2026-11-18",
+                  "--dry-run"]):
+        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    planned = sorted(set(re.findall(r"(2026-\d\d-\d\d) 00:00:00\+00:00 \|", done.stdout)))
+    assert planned == ["2026-11-02", "2026-11-09", "2026-11-16"], done.stdout[-2000:]
+    assert [orchestration.shard_for(datetime.fromisoformat(d).replace(tzinfo=timezone.utc), f"backfill__{d}")
+            for d in planned] == planned
 
 
 def _free_port() -> int:
