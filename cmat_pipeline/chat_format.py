@@ -18,10 +18,19 @@ from cmat_pipeline.errors import DataError
 class EncodedChat:
     input_ids: list[int]
     assistant_mask: list[int]  # 1 where the token is (part of) an assistant turn's content or its end-of-turn
+    assistant_turn: list[int] | None = None  # which trained assistant turn (0, 1, ...) a token belongs to; -1 elsewhere
 
     @property
     def assistant_tokens(self) -> int:
         return sum(self.assistant_mask)
+
+    def turn_starts(self) -> list[int]:
+        """Index of each trained assistant turn's first token: the critic reads the state s_t just before it."""
+        starts: dict[int, int] = {}
+        for i, turn in enumerate(self.assistant_turn or []):
+            if turn >= 0:
+                starts.setdefault(turn, i)
+        return [starts[t] for t in sorted(starts)]
 
 
 def fixed_protocol_turns(messages: Sequence[dict[str, str]]) -> int:
@@ -65,10 +74,10 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], end_marker: 
     marker = tokenizer.eos_token if end_marker is None else end_marker
     spans = assistant_spans(text, messages, marker or "")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask, s = [], 0
+    turns, s = [], 0
     for start, end in enc["offset_mapping"]:
         while s < len(spans) and spans[s][1] <= start:
             s += 1
         inside = s < len(spans) and start < spans[s][1] and end > spans[s][0]
-        mask.append(1 if inside else 0)
-    return EncodedChat(list(enc["input_ids"]), mask)
+        turns.append(s if inside else -1)
+    return EncodedChat(list(enc["input_ids"]), [int(t >= 0) for t in turns], turns)

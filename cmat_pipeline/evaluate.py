@@ -39,14 +39,18 @@ def build_policy(params: Params, tasks: Sequence[DBTask]) -> Policy:
 
 
 def play(tasks: Sequence[DBTask], policy: Policy, backend: SQLBackend, max_rounds: int, concurrency: int,
-         progress: bool = True) -> list[dict[str, Any]]:
-    """Play every task to its end, `concurrency` episodes per generate call."""
+         progress: bool = True, memory: Any = None, memory_k: int = 2) -> list[dict[str, Any]]:
+    """Play every task to its end, `concurrency` episodes per generate call; with a ReflectionMemory, each
+    question is led by the lessons recalled for it."""
     from tqdm import tqdm
+
+    from cmat_pipeline.cmat.memory import prompt_with_lessons
 
     bar = tqdm(total=len(tasks), desc="dbbench", unit="task", disable=not progress)
 
     def starter(task: DBTask):
-        return lambda: DBEpisode(task, backend.open(task.table), max_rounds)
+        return lambda: DBEpisode(task, backend.open(task.table), max_rounds,
+                                 messages=prompt_with_lessons(task, memory, memory_k))
 
     try:
         return run_episodes(
@@ -57,20 +61,37 @@ def play(tasks: Sequence[DBTask], policy: Policy, backend: SQLBackend, max_round
         bar.close()
 
 
+def open_memory(path: str) -> Any:
+    """The long-term memory evaluate.memory names (None when unset); a missing file is an error, not no memory."""
+    if not path:
+        return None
+    from cmat_pipeline.cmat.memory import ReflectionMemory
+    from cmat_pipeline.errors import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"evaluate.memory: {path} does not exist; point it at the cmat stage's memory.sqlite "
+                          "(e.g. artifacts/cmat/memory.sqlite) or set it to '' for no memory")
+    return ReflectionMemory(path)
+
+
 def evaluate(params: Params, policy: Policy | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate and write every output; returns the metrics."""
     cfg = params.evaluate
     tasks = load_tasks(cfg.tasks, cfg.limit, prompt=cfg.prompt)
     timed = Timed(policy or build_policy(params, tasks))
     backend = make_backend(params.db)
+    memory = open_memory(cfg.memory)
     start = time.perf_counter()
     try:
-        results = play(tasks, timed, backend, params.db.max_rounds, params.generation.batch_size, progress)
+        results = play(tasks, timed, backend, params.db.max_rounds, params.generation.batch_size, progress,
+                       memory, cfg.memory_k)
     finally:
         backend.close()
+        if memory is not None:
+            memory.close()
     wall = time.perf_counter() - start
     metrics = compute_metrics(results)
-    metrics.update(policy=timed.name, backend=params.db.backend, task_file=str(cfg.tasks),
+    metrics.update(policy=timed.name, backend=params.db.backend, task_file=str(cfg.tasks), memory=cfg.memory or None,
                    wall_seconds=round(wall, 2), tasks_per_minute=round(60 * len(tasks) / wall, 2), **timed.stats())
     write_outputs(Path(cfg.out_dir), params, metrics, results)
     return metrics

@@ -35,9 +35,9 @@ from typing import Any
 
 from cmat_pipeline.errors import CmatError, ConfigError
 
-STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "evaluate"]
+STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "cmat", "evaluate"]
 """`cmat <stage>` commands in pipeline order; the DAG makes one task per entry."""
-GPU_STAGES = frozenset({"general", "sft", "evaluate"})
+GPU_STAGES = frozenset({"general", "sft", "cmat", "evaluate"})
 """Stages that run a model: on Kubernetes they get a GPU pod, elsewhere nothing changes."""
 ADAPTER_SECTIONS = ("cmat", "sft")
 """Params sections whose out_dir holds the run's final adapter, latest tuning stage first."""

@@ -394,31 +394,32 @@ def fingerprint(params: Params) -> str:
     return digest.hexdigest()
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """checkpoint-N folders whose trainer_state.json (written last) exists, oldest first."""
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in found if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[-1]))
+def complete_checkpoints(folder: Path, prefix: str = "checkpoint-", last_file: str = "trainer_state.json") -> list[Path]:
+    """<prefix>N folders whose `last_file` (written last) exists, oldest first."""
+    found = [p for p in folder.glob(prefix + "*") if p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / last_file).exists()), key=lambda p: int(p.name.split("-")[-1]))
 
 
-def prepare_out_dir(out: Path, run_id: str) -> Path | None:
-    """Claim `out`, drop checkpoints of another run and stale outputs; returns the checkpoint to resume."""
+def prepare_out_dir(out: Path, run_id: str, stage: str = "sft", marker: str = MARKER,
+                    prefix: str = "checkpoint-", last_file: str = "trainer_state.json") -> Path | None:
+    """Claim `out` for `stage`, drop checkpoints of another run and stale outputs; returns the checkpoint to resume."""
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()) and not (out / MARKER).exists():
-        raise ConfigError(f"sft.out_dir: {out} is not empty and was not written by the sft stage; "
+    if any(out.iterdir()) and not (out / marker).exists():
+        raise ConfigError(f"{stage}.out_dir: {out} is not empty and was not written by the {stage} stage; "
                           "choose a new folder or empty it")
     ckpts = out / CHECKPOINTS
     saved = ckpts / FINGERPRINT
     if ckpts.exists() and (not saved.exists() or saved.read_text() != run_id):
-        log.warning("sft: %s holds checkpoints of another config or data; starting over", ckpts)
+        log.warning("%s: %s holds checkpoints of another config or data; starting over", stage, ckpts)
         shutil.rmtree(ckpts)
     for child in out.iterdir():  # a new run replaces the previous outputs (a method change leaves none behind)
-        if child.name not in (CHECKPOINTS, MARKER):
+        if child.name not in (CHECKPOINTS, marker):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    (out / MARKER).touch()
+    (out / marker).touch()
     ckpts.mkdir(exist_ok=True)
     saved.write_text(run_id)
-    done = complete_checkpoints(ckpts)
-    for partial in set(ckpts.glob("checkpoint-*")) - set(done):  # killed while saving
+    done = complete_checkpoints(ckpts, prefix, last_file)
+    for partial in set(ckpts.glob(prefix + "*")) - set(done):  # killed while saving
         shutil.rmtree(partial)
     return done[-1] if done else None
 

@@ -1,7 +1,7 @@
 """Airflow 3 DAG `cmat_pipeline`: the cmat pipeline weekly, one task per stage, then publish and promote.
 
     validate_params -> prepare_model -> collect -> filter -> augment -> distill -> general -> mix -> sft
-                    -> evaluate -> publish (S3 registry) -> promote (`production` alias, only if better)
+                    -> cmat -> evaluate -> publish (S3 registry) -> promote (`production` alias, only if better)
 
 Every task calls `cmat_pipeline.orchestration`; each run works in its own workspace (code copy + resolved
 params), so runs can overlap (max_active_runs=2, e.g. a backfill beside the weekly run). Stages run as
@@ -40,7 +40,8 @@ DEFAULT_ARGS: dict[str, Any] = {
 # Produced data, for lineage and for DAGs scheduled on them (e.g. a serving DAG on the adapter).
 ASSETS = {
     "mix": Asset(name="cmat_dataset", uri="cmat://pipeline/dataset", group="cmat"),
-    "sft": Asset(name="cmat_adapter", uri="cmat://pipeline/adapter", group="cmat"),
+    "sft": Asset(name="cmat_sft_adapter", uri="cmat://pipeline/sft-adapter", group="cmat"),
+    "cmat": Asset(name="cmat_adapter", uri="cmat://pipeline/adapter", group="cmat"),
     "evaluate": Asset(name="cmat_report", uri="cmat://pipeline/report", group="cmat"),
 }
 
@@ -134,7 +135,7 @@ def promote(published: dict[str, Any]) -> dict[str, Any]:
 
 @dag(
     dag_id="cmat_pipeline",
-    description="CMAT: data, SFT, AgentBench evaluation; publish to the S3 registry; promote if better",
+    description="CMAT: data, SFT, actor-critic tuning, AgentBench evaluation; publish to the S3 registry; promote if better",
     schedule="0 0 * * 1",  # Mondays 00:00 UTC: the shard of a scheduled run is that date, e.g. 2026-11-16
     start_date=datetime(2026, 1, 5, tzinfo=timezone.utc),
     catchup=False,  # no burst of old runs on deploy; use `airflow backfill create` for past weeks

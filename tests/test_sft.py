@@ -260,7 +260,7 @@ def test_gpu_options_on_cpu_are_config_errors(tiny_model_dir, data_dir, tmp_path
 
 @pytest.mark.parametrize("sft_cfg, fragment", [
     ({"device": "cpu", "mixed_precision": "bf16"}, "sft.mixed_precision: bf16 needs a CUDA GPU"),
-    ({"warmup_steps": 30}, "sft.warmup_steps: must be >= 0 and below sft.max_steps (30)"),
+    ({"max_steps": 30, "warmup_steps": 30}, "sft.warmup_steps: must be >= 0 and below sft.max_steps (30)"),
     ({"method": "prefix"}, "sft.method: 'prefix' is not allowed; choose one of 'lora', 'ptuning', 'full'"),
     ({"lora": {"dropout": 1.0}}, "sft.lora.dropout: must be in [0, 1)"),
     ({"overlong": "wrap"}, "sft.overlong: 'wrap' is not allowed"),

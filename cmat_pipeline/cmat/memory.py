@@ -84,6 +84,14 @@ def with_lessons(question: str, lessons: list[str]) -> str:
     return f"Lessons from earlier tasks:\n{notes}\n\n{question}"
 
 
+def prompt_with_lessons(task, memory: "ReflectionMemory | None", k: int) -> list[dict[str, str]]:
+    """A dbbench task's opening messages, its question turn led by up to k recalled lessons."""
+    messages = task.initial_messages()
+    lessons = memory.recall(task.question, task.type, k) if memory is not None else []
+    messages[-1] = {"role": "user", "content": with_lessons(task.question, lessons)}
+    return messages
+
+
 def template_reflection(issues: list[str], outcome: str | None) -> str:
     """A lesson from what went wrong, for when the Assistant's own reflection is unusable."""
     lessons = {

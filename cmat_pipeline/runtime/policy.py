@@ -100,6 +100,14 @@ class HFPolicy:
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(self.device).eval()
 
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, gen: GenerationConfig, name: str) -> "HFPolicy":
+        """A policy over a model already in memory (the cmat stage rolls out the actor it is training)."""
+        policy = cls.__new__(cls)
+        policy.gen, policy.name, policy.model, policy.tokenizer = gen, name, model, tokenizer
+        policy.device = str(next(model.parameters()).device)
+        return policy
+
     def encode(self, conversation: Conversation) -> list[int]:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

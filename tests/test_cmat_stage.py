@@ -1,0 +1,280 @@
+"""The cmat stage on a tiny random model: the real recipe, its Checker veto, its update, resume and memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmat_pipeline.config import Params, build
+from cmat_pipeline.envs.dbbench import task_from_entry
+from cmat_pipeline.errors import ConfigError
+from cmat_pipeline.tune import CMATRecipe, corrected_turns, load_task_pool, turn_rewards
+
+TIMING = ("seconds", "per_second", "per_minute")
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model, standing in for the sft stage's output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    out = tmp_path_factory.mktemp("sft")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    from cmat_pipeline.data.dbgen import generate_db_tasks
+
+    path = tmp_path_factory.mktemp("pool") / "tasks.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in generate_db_tasks(12, 0, "cmat-tests")))
+    return path
+
+
+def make_params(tiny_model_dir, sft_adapter, task_file, out: Path, **cmat) -> Params:
+    cfg = {"init_adapter": str(sft_adapter), "tasks": str(task_file), "iterations": 1, "episodes": 2,
+           "max_new_tokens": 8, "out_dir": str(out)} | cmat
+    return build(Params, {"model": {"dir": str(tiny_model_dir)},
+                          "generation": {"batch_size": 4, "max_new_tokens": 8}, "cmat": cfg})
+
+
+class Scripted:
+    """A policy that plays fixed turns: the k-th assistant turn of an episode is texts[k] (the last repeats)."""
+
+    name = "scripted"
+
+    def __init__(self, *texts: str):
+        self.texts = texts
+
+    def generate(self, conversations, gen=None):
+        from cmat_pipeline.runtime.policy import PolicyOutput
+
+        turns = [sum(m["role"] == "assistant" for m in c) - 1 for c in conversations]  # "Ok." is not a turn
+        return [PolicyOutput(self.texts[min(k, len(self.texts) - 1)], 1, 1) for k in turns]
+
+
+def op(sql: str) -> str:
+    return f"I change the table.\nAction: Operation\n```sql\n{sql}\n```"
+
+
+def lessons_in(recipe) -> list[tuple[str, str]]:
+    return sorted(recipe.memory.conn.execute("SELECT question, reflection FROM reflections"))
+
+
+def without_timing(history):
+    return [{k: v for k, v in m.items() if not any(t in k for t in TIMING)} for m in history]
+
+
+# ---------------------------------------------------------------------------------- the whole stage
+
+
+def test_stage_writes_a_loadable_actor_critic_memory_and_curves(tiny_model_dir, sft_adapter, task_file, tmp_path):
+    from cmat_pipeline.runtime.policy import HFPolicy
+
+    params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", iterations=2)
+    metrics = CMATRecipe(params, progress=False).run()
+    out = tmp_path / "out"
+    assert metrics["iterations"] == 2 and metrics["episodes"] == 4
+    assert json.loads((out / "metrics.json").read_text())["history"] == metrics["history"]
+    assert (out / "critic" / "adapter_config.json").is_file() and (out / "critic" / "value_head.pt").is_file()
+    assert not (out / "checkpoints").exists()  # only kept while a run can still resume
+    for name in ("mean_reward", "success_rate", "value_loss", "kl", "veto_rate", "memory_size"):
+        rows = (out / "plots" / f"{name}.tsv").read_text().splitlines()
+        assert rows[0] == f"iteration\t{name}" and len(rows) == 3
+    # The random model writes no valid action: the Checker vetoes, and memory holds the lessons.
+    assert metrics["history"][0]["veto_rate"] > 0 and metrics["history"][-1]["memory_size"] >= 1
+    policy = HFPolicy(str(tiny_model_dir), params.generation, adapter=str(out))  # evaluate's loader
+    assert policy.generate([[{"role": "user", "content": "hi"}]])[0].text is not None
+
+
+def test_evaluation_splits_are_refused_as_task_pools(tiny_model_dir, sft_adapter, db_dev_file, tmp_path):
+    params = make_params(tiny_model_dir, sft_adapter, db_dev_file, tmp_path / "out")
+    params.evaluate.tasks = str(db_dev_file)
+    with pytest.raises(ConfigError, match="evaluation split"):
+        load_task_pool(params)
+
+
+def test_a_ptuning_adapter_is_a_clear_error(tiny_model_dir, task_file, tmp_path):
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "P_TUNING"}))
+    recipe = CMATRecipe(make_params(tiny_model_dir, folder, task_file, tmp_path / "out"), progress=False)
+    with pytest.raises(ConfigError, match="cmat.init_adapter: .* P_TUNING adapter"):
+        recipe.run()
+
+
+# ---------------------------------------------------------------------------------- Checker in the loop
+
+
+@pytest.mark.parametrize("veto", [True, False])
+def test_destructive_statement_is_vetoed_before_it_reaches_the_database(tiny_model_dir, sft_adapter, task_file,
+                                                                          tmp_path, veto):
+    recipe = CMATRecipe(make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", veto=veto,
+                                    memory=False), progress=False)
+    recipe.setup()
+    try:
+        entry = next(e for e in recipe.pool if e["type"][0] == "UPDATE")
+        table = entry["table"]["table_name"]
+        recipe.policy = Scripted(op(f"DELETE FROM `{table}`"), "Done.\nAction: Answer\nFinal Answer: []")  # no WHERE
+        results, _ = recipe.rollout(0, tasks=[entry])
+        untouched = recipe.backend.open(task_from_entry(entry, 0, "pool").table)
+        original_hash = untouched.table_hash()
+        untouched.close()
+    finally:
+        recipe.cleanup(success=False)
+    first = results[0]["turns"][0]
+    assert "destructive" in first["issues"] and first["reward"] == -0.5
+    assert first["vetoed"] is veto
+    # Vetoed: the DELETE never ran, the table is as it was. Without the veto (ablation) it ran.
+    assert (results[0]["answer"] == original_hash) is veto
+    if veto:
+        assert results[0]["messages"][4]["content"].startswith("Checker: ")
+
+
+# ---------------------------------------------------------------------------------- learning
+
+
+def test_rewards_and_corrected_turns_of_a_hand_made_episode():
+    cfg = build(Params, {"cmat": {"feedback_weight": 0.5, "success_reward": 1.0}}).cmat
+    result = {"correct": True, "turns": [
+        {"action": "operation", "vetoed": True, "reward": -0.5},
+        {"action": "operation", "vetoed": False, "reward": 0.0, "observation": "1054 (42S22): Unknown column"},
+        {"action": "operation", "vetoed": False, "reward": 0.0, "observation": "[(3,)]"},
+        {"action": "answer", "vetoed": False, "reward": 0.0}]}
+    assert turn_rewards(result, cfg) == [-0.25, 0.0, 0.0, 1.0]
+    assert corrected_turns(result) == [1, 2]  # the turn after the veto, the turn after the SQL error
+    assert corrected_turns(result | {"correct": False}) == []
+
+
+def _episode(recipe, entry, response):
+    """One finished episode of `entry` in which the actor wrote `response`."""
+    recipe.policy = Scripted(response)
+    results, _ = recipe.rollout(0, tasks=[entry])
+    return results[0]
+
+
+def _logp(recipe, result):
+    from cmat_pipeline.chat_format import encode_chat
+
+    enc = encode_chat(recipe.tokenizer, result["messages"])
+    ids, mask = torch.tensor([enc.input_ids]), torch.tensor([enc.assistant_mask])
+    return float(recipe.net.token_logps(ids, mask, grad=False).sum())
+
+
+@pytest.mark.parametrize("value_function", [True, False])
+def test_update_makes_rewarded_turns_likelier_and_penalised_ones_rarer(tiny_model_dir, sft_adapter, task_file,
+                                                                        tmp_path, value_function):
+    params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", actor_lr=3e-3, kl_coef=0.0,
+                         ppo_epochs=3, minibatch_episodes=2, value_function=value_function, memory=False)
+    recipe = CMATRecipe(params, progress=False)
+    recipe.setup()
+    try:
+        entry = next(e for e in recipe.pool if e["type"][0] not in ("INSERT", "UPDATE", "DELETE"))
+        good = _episode(recipe, entry, "Action: Answer\nFinal Answer: [\"x\"]")  # answered: no veto
+        bad = _episode(recipe, entry, "I do not know.")                          # invalid format: vetoed
+        good["correct"] = True  # as if "x" were right: success reward on its last turn
+        before = [_logp(recipe, good), _logp(recipe, bad)]
+        stats = recipe.update([good, bad])
+        after = [_logp(recipe, good), _logp(recipe, bad)]
+    finally:
+        recipe.cleanup(success=False)
+    assert stats["episodes_trained"] == 2
+    assert after[0] > before[0] and after[1] < before[1]
+    assert (stats["value_loss"] is not None) is value_function
+
+
+def test_kl_penalty_and_clipping_are_reported_once_the_actor_moves(tiny_model_dir, sft_adapter, task_file, tmp_path):
+    params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", actor_lr=5e-2, kl_coef=0.1,
+                         ppo_epochs=2, minibatch_episodes=1, memory=False)
+    recipe = CMATRecipe(params, progress=False)
+    recipe.setup()
+    try:
+        entry = recipe.pool[0]
+        episodes = [_episode(recipe, entry, "Action: Answer\nFinal Answer: [\"1\"]"), _episode(recipe, entry, "no")]
+        stats = recipe.update(episodes)
+    finally:
+        recipe.cleanup(success=False)
+    # The first minibatch is on-policy (ratio 1, actor = reference); the later ones see a moved actor.
+    assert stats["kl"] > 0 and 0 < stats["clip_fraction"] <= 1
+
+
+# ---------------------------------------------------------------------------------- resume and memory
+
+
+def test_killed_run_resumes_without_repeating_or_losing_updates(tiny_model_dir, sft_adapter, task_file, tmp_path):
+    def params(out):
+        return make_params(tiny_model_dir, sft_adapter, task_file, out, iterations=2, actor_lr=1e-3, critic_lr=1e-3,
+                           max_vetoes=1)  # short episodes: a fast test
+
+    whole = CMATRecipe(params(tmp_path / "whole"), progress=False)
+    whole.setup()
+    whole.train()
+    reference = whole.net.trainable_state()
+    whole_memory = lessons_in(whole)
+    whole.cleanup(success=False)
+
+    class Killed(Exception):
+        pass
+
+    killed = CMATRecipe(params(tmp_path / "killed"), progress=False)
+    real_update = killed.update
+    calls = []
+
+    def update_then_die(results):
+        calls.append(1)
+        if len(calls) == 2:  # in iteration 2, after its rollouts and reflections, before its update lands
+            raise Killed()
+        return real_update(results)
+
+    killed.update = update_then_die
+    with pytest.raises(Killed):
+        killed.run()
+    assert (tmp_path / "killed" / "checkpoints" / "iter-1" / "state.json").is_file()
+
+    resumed = CMATRecipe(params(tmp_path / "killed"), progress=False)
+    resumed.setup()
+    assert resumed.start_iteration == 1
+    resumed.train()
+    state = resumed.net.trainable_state()
+    memory = lessons_in(resumed)
+    resumed.cleanup(success=False)
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert state.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(state[name], reference[name], rtol=1e-5, atol=1e-6)
+    assert memory == whole_memory and memory  # the interrupted iteration's lessons were not stored twice
+
+
+def test_memory_round_trip_write_persist_recall_into_prompts(tiny_model_dir, sft_adapter, task_file, tmp_path):
+    from cmat_pipeline.cmat.memory import ReflectionMemory
+    from cmat_pipeline.envs.sql_backends import SQLiteBackend
+    from cmat_pipeline.evaluate import play
+
+    recipe = CMATRecipe(make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out"), progress=False)
+    recipe.setup()
+    try:
+        entry = recipe.pool[0]
+        failed = _episode(recipe, entry, "I am not sure what to do.")  # vetoed, then invalid format
+        counts = recipe.reflect([failed])
+        again = _episode(recipe, entry, "Still not sure.")
+    finally:
+        recipe.cleanup(success=False)
+    assert counts["self"] + counts["template"] == 1
+    assert "Lessons from earlier tasks:" in again["messages"][2]["content"]
+    stored = ReflectionMemory(tmp_path / "out" / "memory.sqlite")  # persisted: a new process sees it
+    task = task_from_entry(entry, 0, "pool")
+    lessons = stored.recall(task.question, task.type, k=2)
+    assert lessons and lessons[0] in again["messages"][2]["content"]
+    # evaluate.memory: the same recall leads the question at evaluation time
+    results = play([task], Scripted("Action: Answer\nFinal Answer: [1]"), SQLiteBackend(5.0, 800), 5, 1,
+                   progress=False, memory=stored, memory_k=2)
+    stored.close()
+    assert lessons[0] in results[0]["messages"][2]["content"]
