@@ -158,6 +158,13 @@ def test_fork_bomb_is_contained_and_nothing_survives_close(cfg):
     assert _processes_in(namespace) == 0
 
 
+def test_filling_the_disk_is_contained():
+    with BwrapSandbox(OSConfig(disk_mb=16)) as box:
+        box.shell("cat /dev/zero > /root/a; cat /dev/zero > /tmp/b")  # RLIMIT_FSIZE, then the 16 MiB tmpfs
+        assert box.shell("df -k / | tail -1").output.split()[1] == str(16 * 1024)
+        assert box.shell("echo " + "x" * 20000 + " | wc -c").output == "20001\n"  # commands still arrive
+
+
 def test_the_agent_cannot_kill_the_supervisor(box):
     box.shell("sleep 100 &")
     box.shell("kill -9 -1; kill -9 1")

@@ -237,7 +237,9 @@ class BwrapSandbox(Sandbox):
             args += ["--tmpfs", path]
         for path in EMPTY_DIRS:
             args += ["--dir", path]
-        args += ["--perms", "1777", "--dir", "/tmp", "--symlink", "../run", "/var/run", "--chdir", "/"]
+        # The supervisor's command file lives on its own small tmpfs: a full / must not stop the next command.
+        args += ["--perms", "1777", "--dir", "/tmp", "--symlink", "../run", "/var/run",
+                 "--size", str(8 << 20), "--tmpfs", "/run/.cmat", "--chdir", "/"]
         return args
 
     def popen_kwargs(self) -> dict[str, Any]:

@@ -224,12 +224,16 @@ def serve(config: dict, requests, replies) -> None:
     for line in requests:
         request = json.loads(line)
         op = request["op"]
-        if op == "shell":
-            reply = shell.run(request["cmd"], request["timeout"])
-        elif op == "exec":
-            reply = run_exec(request["argv"], request["timeout"])
-        else:
-            reply = {"output": "", "exit_code": 0, "timed_out": False, "truncated": False, "shell_restarted": False}
+        try:
+            if op == "shell":
+                reply = shell.run(request["cmd"], request["timeout"])
+            elif op == "exec":
+                reply = run_exec(request["argv"], request["timeout"])
+            else:
+                reply = {"output": "", "exit_code": 0, "timed_out": False, "truncated": False, "shell_restarted": False}
+        except OSError as err:  # e.g. the sandbox's filesystem is full: the command cannot even be written
+            reply = {"output": "%s: %s\n" % (op, err.strerror or err), "exit_code": None, "timed_out": False,
+                     "truncated": False, "shell_restarted": False}
         _reap(keep=(shell.proc.pid,) if shell.proc else ())
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
