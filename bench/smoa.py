@@ -1,0 +1,117 @@
+"""Benchmark: single agent vs dense MoA vs sparse MoA (SMoA) on AgentBench DB dev, and SMoA as a teacher.
+
+Run (after `cmat prepare-model`; uses the SFT adapter in artifacts/sft when it exists, else the base model):
+    flock /tmp/cmat-cpu.lock .venv/bin/python bench/smoa.py --limit 20 --max-new-tokens 128 --teacher-tasks 30
+Every mode uses the same loaded model, proposers (params.yaml's `smoa.proposers`: role descriptions and
+temperatures), layers, top_k and judge (the SQL Checker); only `smoa.mode` changes. Prints, as JSON, accuracy
+next to cost per task (prompt + completion tokens of every role, model calls, replies generated) and, for the
+teacher part, the success rate of trajectories collected on synthetic tasks and whether they pass the
+data pipeline's raw validation (the filter stage's first suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmat_pipeline.config import Params, load_params
+from cmat_pipeline.runtime.policy import HFPolicy, Policy
+from cmat_pipeline.runtime.smoa import build_smoa_policy
+
+MODES = ("single", "dense", "sparse")
+
+
+def cost(usage: dict[str, Any], tasks: int) -> dict[str, Any]:
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {"tokens_per_task": round(tokens / tasks, 1), "completion_tokens_per_task": round(usage["completion_tokens"] / tasks, 1),
+            "model_calls": usage["calls"], "replies_per_task": round(usage["requests"] / tasks, 2),
+            "turns_per_task": round(usage["conversation_turns"] / tasks, 2),
+            "tokens_per_turn": round(tokens / max(usage["conversation_turns"], 1), 1),
+            "layers_per_turn": round(usage["conversation_layers"] / max(usage["conversation_turns"], 1), 2),
+            "early_stops": usage["early_stops"]}
+
+
+def evaluate_mode(params: Params, model: Policy) -> dict[str, Any]:
+    from cmat_pipeline.envs.dbbench import load_tasks
+    from cmat_pipeline.evaluate import evaluate
+
+    tasks = load_tasks(params.evaluate.tasks, params.evaluate.limit)
+    torch.manual_seed(0)
+    metrics = evaluate(params, policy=build_smoa_policy(params, tasks, backbones={"model": model}), progress=False)
+    return {"mode": params.smoa.mode, "overall_cat_accuracy": metrics["overall_cat_accuracy"],
+            "first_turn_valid_format": metrics["first_turn_valid_format"], "outcomes": metrics["outcomes"],
+            **cost(metrics["usage"], metrics["tasks"]), "wall_seconds": metrics["wall_seconds"]}
+
+
+def teach_mode(params: Params, model: Policy) -> dict[str, Any]:
+    from cmat_pipeline.collect import build_pool, collect, shard_paths
+    from cmat_pipeline.data.expectations import SuiteSpec, validate_frame
+    from cmat_pipeline.data.records import flatten, read_jsonl
+    from cmat_pipeline.envs.dbbench import task_from_entry
+    from cmat_pipeline.filtering import NO_LIMIT
+
+    tasks = [task_from_entry(p["task"], i, "pool") for i, p in enumerate(build_pool(params))]
+    policy = build_smoa_policy(params, tasks, backbones={"model": model})
+    torch.manual_seed(0)
+    report = collect(params, policy=policy, progress=False)
+    rows = read_jsonl(shard_paths(params.collect.out_dir, params.collect.shard)["trajectories"])
+    # the filter stage's raw suite (row by row); failing rows are quarantined there, never trained on
+    raw = validate_frame(flatten(rows), SuiteSpec("raw", min_chars=0, max_chars=NO_LIMIT))
+    return {"mode": params.smoa.mode, "trajectories": report["trajectories"], "correct": report["correct"],
+            "success_rate": round(report["correct"] / max(report["trajectories"], 1), 4),
+            "raw_valid_rows": len(rows) - len(raw.row_reasons),
+            "raw_failures": sorted({f.expectation for f in raw.failures}),
+            **cost(policy.usage(), len(rows)), "wall_seconds": report["wall_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--limit", type=int, default=20, help="dev tasks evaluated per mode")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--teacher-tasks", type=int, default=30, help="synthetic tasks collected per teacher (0 = skip)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--adapter", default="artifacts/sft", help="used when it holds adapter_config.json")
+    parser.add_argument("--out", default="artifacts/bench/smoa")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params overrides")
+    args = parser.parse_args()
+    adapter = args.adapter if os.path.isfile(os.path.join(args.adapter, "adapter_config.json")) else ""
+    common = [f"generation.max_new_tokens={args.max_new_tokens}", f"smoa.adapter={adapter}", *args.set]
+    base = load_params(args.params, common)
+    start = time.perf_counter()
+    model = HFPolicy(base.model.dir, base.generation, adapter=adapter, device=base.model.device, dtype=base.model.dtype)
+    runs, teachers = [], []
+    for mode in args.modes:
+        params = load_params(args.params, [*common, f"smoa.mode={mode}", f"evaluate.limit={args.limit}",
+                                           f"evaluate.out_dir={args.out}/eval-{mode}"])
+        runs.append(evaluate_mode(params, model))
+        print(json.dumps(runs[-1]), flush=True)
+    if args.teacher_tasks:
+        for mode in ("single", "sparse"):
+            params = load_params(args.params, [*common, f"smoa.mode={mode}", f"collect.db_tasks={args.teacher_tasks}",
+                                               f"collect.shard=smoa-{mode}", f"collect.out_dir={args.out}/raw",
+                                               "collect.teacher=smoa"])
+            teachers.append(teach_mode(params, model))
+            print(json.dumps(teachers[-1]), flush=True)
+    cfg = base.smoa
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "model": model.name, "tasks_file": base.evaluate.tasks, "limit": args.limit,
+              "max_new_tokens": args.max_new_tokens,
+              "smoa": {"proposers": [[p.role, p.temperature] for p in cfg.proposers], "layers": cfg.layers,
+                       "top_k": cfg.top_k, "judge": cfg.judge, "moderator": cfg.moderator, "aggregator": cfg.aggregator},
+              "evaluation": runs, "teacher": teachers, "total_wall_seconds": round(time.perf_counter() - start, 1)}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
