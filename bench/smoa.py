@@ -2,6 +2,8 @@
 
 Run (after `cmat prepare-model`; uses the SFT adapter in artifacts/sft when it exists, else the base model):
     flock /tmp/cmat-cpu.lock .venv/bin/python bench/smoa.py --limit 20 --max-new-tokens 128 --teacher-tasks 30
+The evaluated tasks are every `--stride`-th dev task (dev lists 20 SELECT, then 20 INSERT, then 20 UPDATE
+tasks, so a stride mixes the three categories overall_cat_accuracy averages), `--limit` of them.
 Every mode uses the same loaded model, proposers (params.yaml's `smoa.proposers`: role descriptions and
 temperatures), layers, top_k and judge (the SQL Checker); only `smoa.mode` changes. Prints, as JSON, accuracy
 next to cost per task (prompt + completion tokens of every role, model calls, replies generated) and, for the
@@ -75,26 +77,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--limit", type=int, default=20, help="dev tasks evaluated per mode")
+    parser.add_argument("--stride", type=int, default=3, help="evaluate every N-th task of evaluate.tasks")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--teacher-tasks", type=int, default=30, help="synthetic tasks collected per teacher (0 = skip)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["single", "sparse", "dense"])
     parser.add_argument("--adapter", default="artifacts/sft", help="used when it holds adapter_config.json")
     parser.add_argument("--out", default="artifacts/bench/smoa")
+    parser.add_argument("--budget-min", type=float, default=0, help="start no further run after this many minutes (0 = no limit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params overrides")
     args = parser.parse_args()
     adapter = args.adapter if os.path.isfile(os.path.join(args.adapter, "adapter_config.json")) else ""
     common = [f"generation.max_new_tokens={args.max_new_tokens}", f"smoa.adapter={adapter}", *args.set]
     base = load_params(args.params, common)
+    lines = [line for line in Path(base.evaluate.tasks).read_text().splitlines() if line.strip()]
+    subset = Path(args.out) / "tasks.jsonl"
+    subset.parent.mkdir(parents=True, exist_ok=True)
+    subset.write_text("\n".join(lines[::args.stride][:args.limit]) + "\n")
     start = time.perf_counter()
     model = HFPolicy(base.model.dir, base.generation, adapter=adapter, device=base.model.device, dtype=base.model.dtype)
-    runs, teachers = [], []
+    runs, teachers, skipped = [], [], []
+
+    def over_budget(what: str) -> bool:
+        if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
+            skipped.append(what)
+        return bool(skipped)
+
     for mode in args.modes:
-        params = load_params(args.params, [*common, f"smoa.mode={mode}", f"evaluate.limit={args.limit}",
+        if over_budget(f"evaluate {mode}"):
+            continue
+        params = load_params(args.params, [*common, f"smoa.mode={mode}", f"evaluate.tasks={subset}",
                                            f"evaluate.out_dir={args.out}/eval-{mode}"])
         runs.append(evaluate_mode(params, model))
         print(json.dumps(runs[-1]), flush=True)
     if args.teacher_tasks:
         for mode in ("single", "sparse"):
+            if over_budget(f"teacher {mode}"):
+                continue
             params = load_params(args.params, [*common, f"smoa.mode={mode}", f"collect.db_tasks={args.teacher_tasks}",
                                                f"collect.shard=smoa-{mode}", f"collect.out_dir={args.out}/raw",
                                                "collect.teacher=smoa"])
@@ -103,11 +121,11 @@ def main() -> None:
     cfg = base.smoa
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "model": model.name, "tasks_file": base.evaluate.tasks, "limit": args.limit,
+              "model": model.name, "tasks": f"{base.evaluate.tasks}[::{args.stride}][:{args.limit}]",
               "max_new_tokens": args.max_new_tokens,
               "smoa": {"proposers": [[p.role, p.temperature] for p in cfg.proposers], "layers": cfg.layers,
                        "top_k": cfg.top_k, "judge": cfg.judge, "moderator": cfg.moderator, "aggregator": cfg.aggregator},
-              "evaluation": runs, "teacher": teachers, "total_wall_seconds": round(time.perf_counter() - start, 1)}
+              "evaluation": runs, "teacher": teachers, "skipped_over_budget": skipped, "total_wall_seconds": round(time.perf_counter() - start, 1)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
