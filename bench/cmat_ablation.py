@@ -105,10 +105,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     chosen = {k: v for k, v in variants().items() if not args.only or k in args.only}
-    rows = []
     for name, spec in chosen.items():
-        rows.append(run_variant(name, spec, out, args.set))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(run_variant(name, spec, out, args.set)), flush=True)
+    # Every finished variant in the folder (several instances may run different --only lists side by side).
+    order = list(variants())
+    rows = sorted((json.loads(p.read_text()) for p in out.glob("*/summary.json")), key=lambda r: order.index(r["variant"]))
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
 

@@ -281,7 +281,7 @@ class CMATRecipe:
         start = time.perf_counter()
         for ex in examples:  # the rollout policy's and the reference's log-probs, before any step
             ex["old"] = net.token_logps(ex["ids"], ex["mask"], grad=False)
-            ex["ref"] = net.reference_logps(ex["ids"], ex["mask"]) if cfg.kl_coef > 0 else ex["old"]
+            ex["ref"] = net.reference_logps(ex["ids"], ex["mask"])  # also without the penalty: KL is reported
         value_losses = []
         if cfg.value_function:
             for batch in self._minibatches(len(examples)):
@@ -358,7 +358,7 @@ class CMATRecipe:
             "outcomes": {o: sum(r["outcome"] == o for r in results) for o in sorted({r["outcome"] for r in results})},
             **rollout_stats, **update_stats,
         }
-        rollouts = self.out / "rollouts"
+        rollouts = self.checkpoints / "rollouts"  # beside the checkpoints, so a resumed run keeps earlier iterations'
         rollouts.mkdir(exist_ok=True)
         with (rollouts / f"iter-{i + 1}.jsonl").open("w") as f:
             for r in results:
@@ -420,6 +420,8 @@ class CMATRecipe:
     # -- outputs
     def save(self) -> dict[str, Any]:
         self.net.save(self.out, self.tokenizer)
+        shutil.rmtree(self.out / "rollouts", ignore_errors=True)
+        (self.checkpoints / "rollouts").rename(self.out / "rollouts")
         metrics = self.metrics()
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         plots = self.out / "plots"

@@ -86,6 +86,7 @@ def test_stage_writes_a_loadable_actor_critic_memory_and_curves(tiny_model_dir, 
     assert json.loads((out / "metrics.json").read_text())["history"] == metrics["history"]
     assert (out / "critic" / "adapter_config.json").is_file() and (out / "critic" / "value_head.pt").is_file()
     assert not (out / "checkpoints").exists()  # only kept while a run can still resume
+    assert sorted(p.name for p in (out / "rollouts").iterdir()) == ["iter-1.jsonl", "iter-2.jsonl"]
     for name in ("mean_reward", "success_rate", "value_loss", "kl", "veto_rate", "memory_size"):
         rows = (out / "plots" / f"{name}.tsv").read_text().splitlines()
         assert rows[0] == f"iteration\t{name}" and len(rows) == 3
@@ -251,6 +252,7 @@ def test_killed_run_resumes_without_repeating_or_losing_updates(tiny_model_dir, 
     for name in reference:
         torch.testing.assert_close(state[name], reference[name], rtol=1e-5, atol=1e-6)
     assert memory == whole_memory and memory  # the interrupted iteration's lessons were not stored twice
+    assert (tmp_path / "killed" / "checkpoints" / "rollouts" / "iter-1.jsonl").is_file()  # kept across the kill
 
 
 def test_memory_round_trip_write_persist_recall_into_prompts(tiny_model_dir, sft_adapter, task_file, tmp_path):
