@@ -453,9 +453,8 @@ def compute_os_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _as_bash(script: Script) -> str:
-    if script.language == "bash":
-        return script.code
-    return f"{script.language}3 - <<'CMAT_EOF'\n{script.code}\nCMAT_EOF" if script.language == "python" else script.code
+    """A bash action that runs the script (task files only hold bash and python)."""
+    return script.code if script.language == "bash" else f"python3 - <<'CMAT_EOF'\n{script.code}\nCMAT_EOF"
 
 
 class ExampleOraclePolicy:
