@@ -47,8 +47,9 @@ CODE_PATHS = ("cmat_pipeline", "pyproject.toml", "dvc.yaml", ".dvc/config", ".dv
 MARKER = ".cmat/workspace.json"
 
 # DAG run params (the Airflow trigger form) -> params.yaml keys. None/empty means "as in params.yaml".
-RUN_PARAM_KEYS = {"base_model": "model.base", "db_tasks": "collect.db_tasks", "method": "sft.method",
-                  "learning_rate": "sft.learning_rate"}
+RUN_PARAM_KEYS = {"base_model": "model.base", "db_tasks": "collect.db_tasks", "domains": "collect.domains",
+                  "method": "sft.method", "learning_rate": "sft.learning_rate", "actor_lr": "cmat.actor_lr",
+                  "cmat_iterations": "cmat.iterations"}
 SEED_PARAM, OVERRIDES_PARAM = "seed", "overrides"
 METHODS = ("lora", "ptuning")
 

@@ -122,7 +122,8 @@ def test_trigger_form_rejects_bad_values(dag, name, value):
 
 
 def test_trigger_form_defaults_mean_params_yaml(dag):
-    assert dag.params.validate() == {"base_model": None, "db_tasks": None, "method": None, "learning_rate": None,
+    assert dag.params.validate() == {"base_model": None, "db_tasks": None, "domains": None, "method": None,
+                                     "learning_rate": None, "actor_lr": None, "cmat_iterations": None,
                                      "seed": None, "overrides": []}
     assert orchestration.validate_run_params(dag.params.validate()) == []
 
@@ -130,10 +131,13 @@ def test_trigger_form_defaults_mean_params_yaml(dag):
 def test_validate_run_params_builds_overrides_that_params_yaml_accepts():
     overrides = orchestration.validate_run_params(
         {"base_model": "tiny-random", "db_tasks": 40, "method": "ptuning", "learning_rate": 0.003, "seed": 7,
+         "domains": ["flights"], "actor_lr": 1e-4, "cmat_iterations": 3,
          "overrides": ["evaluate.limit=5", "collect.shard=my-shard"]}, shard="2026-11-16")
     params = load_params(REPO / "params.yaml", overrides)
     assert (params.model.base, params.collect.db_tasks, params.sft.method, params.sft.learning_rate) == \
         ("tiny-random", 40, "ptuning", 0.003)
+    assert (params.collect.domains, params.cmat.actor_lr, params.cmat.iterations) == (["flights"], 1e-4, 3)
+    assert params.cmat.seed == 7
     assert params.collect.seed == params.mix.seed == params.sft.seed == params.augment.seed == 7
     assert params.collect.shard == "my-shard", "an explicit override beats the computed shard"
     assert params.evaluate.limit == 5
