@@ -42,6 +42,13 @@ GPU_STAGES = frozenset({"general", "sft", "cmat", "evaluate"})
 ADAPTER_SECTIONS = ("cmat", "sft")
 """Params sections whose out_dir holds the run's final adapter, latest tuning stage first."""
 
+STAGE_OUTPUTS = {"prepare-model": (), "collect": ("collect.out_dir",), "filter": ("filter.out_dir",),
+                 "augment": ("augment.out_dir",), "distill": ("distill.out_dir",), "general": ("mix.general_dir",),
+                 "mix": ("mix.out_dir",), "sft": ("sft.out_dir",), "cmat": ("cmat.out_dir",),
+                 "evaluate": ("evaluate.out_dir",)}
+"""What each stage leaves in the workspace (params keys), pushed to the registry as the stage's checkpoint when
+CMAT_REGISTRY is set. prepare-model pushes only its record: the model is rebuilt from $CMAT_CACHE in seconds."""
+
 CODE_PATHS = ("cmat_pipeline", "pyproject.toml", "dvc.yaml", ".dvc/config", ".dvcignore")
 """What a workspace copies from the project (params.yaml is written resolved, outputs start empty)."""
 MARKER = ".cmat/workspace.json"
@@ -185,6 +192,7 @@ def run_workspace(run_id: str, overrides: Sequence[str] | None = None) -> Path:
     target = workspaces_root() / run_key(run_id)
     if not (target / MARKER).exists():
         _create_workspace(target, run_id, list(overrides or []))
+        _restore_stages(target, run_id)  # a retry on another worker continues from the finished stages
     marker = json.loads((target / MARKER).read_text())
     if overrides is not None and list(overrides) != marker["overrides"]:
         raise ConfigError(f"run {run_id!r}: its workspace {target} was made with overrides {marker['overrides']}, "
@@ -277,7 +285,52 @@ def run_stage(stage: str, run_id: str, overrides: Sequence[str] | None = None) -
     if rc != 0:
         raise StageFailed(f"cmat {stage} failed (exit {rc}) for run {run_id} in {workspace}; last output:\n"
                           + "".join(tail))
+    _checkpoint_stage(workspace, run_id, stage)
     return record
+
+
+def _registry() -> Any:
+    """The S3 registry when CMAT_REGISTRY is set (workers of a distributed deployment), else None."""
+    if not os.environ.get("CMAT_REGISTRY"):
+        return None
+    from cmat_pipeline.registry import Registry
+
+    return Registry.from_env()
+
+
+def _checkpoint_stage(workspace: Path, run_id: str, stage: str) -> None:
+    """Push what a finished stage wrote, so a task retried on a worker without this workspace continues."""
+    registry = _registry()
+    if registry is None:
+        return
+    from cmat_pipeline.config import load_params
+
+    params = load_params(workspace / "params.yaml").to_dict()
+    outputs = [_dotted(params, key) for key in STAGE_OUTPUTS[stage]]
+    paths = [p for p in outputs if (workspace / p).exists()] + [f".cmat/stages/{stage}.json"]
+    registry.push_checkpoint(run_key(run_id), stage, workspace, paths)
+
+
+def _restore_stages(workspace: Path, run_id: str) -> list[str]:
+    """Bring a fresh workspace up to the run's finished stages from their registry checkpoints."""
+    registry = _registry()
+    if registry is None:
+        return []
+    done = registry.list_checkpoints(run_key(run_id))
+    for stage in done:
+        registry.restore_checkpoint(run_key(run_id), stage, workspace)
+    if "prepare-model" in done:  # its record came back, its model did not: rebuild it (from the cache)
+        rc, tail = _run_cmat(workspace, "prepare-model", ["--params", "params.yaml", "--no-progress"])
+        if rc != 0:
+            raise StageFailed(f"cmat prepare-model failed (exit {rc}) restoring run {run_id}:\n" + "".join(tail))
+    if done:
+        print(f"run {run_id}: restored {', '.join(done)} from the registry into {workspace}")
+    return done
+
+
+def _dotted(params: Mapping[str, Any], key: str) -> Any:
+    section, name = key.split(".", 1)
+    return params[section][name]
 
 
 def _launcher(stage: str) -> list[str]:

@@ -537,6 +537,8 @@ class Registry:
         if resumed > size:
             part.unlink()
             resumed = 0
+        if size == 0:
+            part.touch()  # nothing to fetch: an empty file (e.g. an empty quarantine) is still a file
         moved = self._fetch(key, part, resumed, size, on_progress)
         if sha256_file(part) != expected and resumed:
             moved += self._fetch(key, part, 0, size, on_progress)  # the old .part held other bytes: start over

@@ -253,6 +253,22 @@ def test_failed_validation_fails_the_task_naming_expectation_count_and_rows(work
     assert set(examples) <= {r["id"] for r in records}, "the examples name real rows"
 
 
+def test_a_retry_on_another_worker_continues_from_the_registry(tmp_path, moto_registry, monkeypatch):
+    """Stage outputs are checkpointed to S3; a worker without the run's workspace restores them and goes on."""
+    for key, value in moto_registry.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CMAT_WORKSPACES", str(tmp_path / "worker-a"))
+    overrides = orchestration.validate_run_params({"db_tasks": 6}, shard="2026-11-16")
+    first = Path(orchestration.run_stage("collect", "scheduled__r", overrides)["workspace"])
+    shard = "artifacts/data/raw/trajectories/2026-11-16.jsonl"
+
+    monkeypatch.setenv("CMAT_WORKSPACES", str(tmp_path / "worker-b"))  # the retry lands elsewhere
+    second = Path(orchestration.run_stage("filter", "scheduled__r", overrides)["workspace"])
+    assert second != first and (second / shard).read_text() == (first / shard).read_text()
+    assert json.loads((second / ".cmat/stages/collect.json").read_text())["returncode"] == 0
+    assert (second / "artifacts/data/filtered/trajectories.jsonl").is_file()
+
+
 def test_publish_and_promote_a_workspace(workspaces, tmp_path, monkeypatch):
     """publish() finds the run's files through its params and sends them to the registry (moto on loopback)."""
     import boto3
