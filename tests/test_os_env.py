@@ -388,3 +388,14 @@ def test_os_and_kg_prompts_are_protocol_not_training_targets():
     assert action_problem(record) is None
     record["messages"][-1]["content"] = "It is 8."
     assert "does not parse as an AgentBench OS action (invalid_format)" in action_problem(record)
+
+
+def test_evaluate_os_with_a_local_model(tmp_path, tiny_model_dir):
+    from cmat_pipeline.config import GenerationConfig, ModelConfig
+
+    params = Params(model=ModelConfig(dir=str(tiny_model_dir), device="cpu"),
+                    generation=GenerationConfig(max_new_tokens=8, batch_size=2, max_context_tokens=4096))
+    params.os = OSConfig(policy="model", tasks=str(OS_DEV), limit=4, out_dir=str(tmp_path / "eval_os"))
+    metrics = evaluate_os(params, progress=False)
+    assert metrics["policy"].startswith("hf:") and metrics["supported"] == 3 and metrics["unsupported"] == 1
+    assert sum(metrics["outcomes"].values()) == 3 and metrics["generate_calls"] >= 1
