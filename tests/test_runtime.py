@@ -79,7 +79,7 @@ def test_context_guard_reports_context_limit(tiny_model_dir, conversations):
 
 
 def test_missing_adapter_says_how_to_fix(tiny_model_dir, tmp_path):
-    with pytest.raises(ModelPreparationError, match="run the sft stage"):
+    with pytest.raises(ModelPreparationError, match="run the stage that writes it"):
         HFPolicy(str(tiny_model_dir), GenerationConfig(), adapter=str(tmp_path / "sft"), device="cpu")
 
 

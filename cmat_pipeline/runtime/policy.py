@@ -95,8 +95,8 @@ class HFPolicy:
             from peft import PeftModel
 
             if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-                raise ModelPreparationError(f"{adapter}: no PEFT adapter here (adapter_config.json); run the sft stage "
-                                            "(`cmat sft`) or evaluate the base model with --set evaluate.adapter=''")
+                raise ModelPreparationError(f"{adapter}: no PEFT adapter here (adapter_config.json); run the stage that writes it "
+                                            "(`cmat sft`, `cmat cmat`) or evaluate the base model with --set evaluate.adapter=''")
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(self.device).eval()
 
