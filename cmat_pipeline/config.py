@@ -561,7 +561,7 @@ class CMATConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     max_seq_len: int = 2048
-    """Episodes longer than this (tokens) are cut to their first max_seq_len tokens for the update."""
+    """Episodes longer than this (tokens) are left out of the update (metrics: episodes_too_long)."""
     critic_lora_r: int = 8
     """LoRA rank of the critic's own adapter on the shared base model."""
     seed: int = 0
