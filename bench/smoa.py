@@ -61,9 +61,12 @@ def teach_mode(params: Params, model: Policy) -> dict[str, Any]:
 
     tasks = [task_from_entry(p["task"], i, "pool") for i, p in enumerate(build_pool(params))]
     policy = build_smoa_policy(params, tasks, backbones={"model": model})
+    paths = shard_paths(params.collect.out_dir, params.collect.shard)
+    for stale in (paths["trajectories"], paths["manifest"]):  # a fresh run, not a resumed one
+        stale.unlink(missing_ok=True)
     torch.manual_seed(0)
     report = collect(params, policy=policy, progress=False)
-    rows = read_jsonl(shard_paths(params.collect.out_dir, params.collect.shard)["trajectories"])
+    rows = read_jsonl(paths["trajectories"])
     # the filter stage's raw suite (row by row); failing rows are quarantined there, never trained on
     raw = validate_frame(flatten(rows), SuiteSpec("raw", min_chars=0, max_chars=NO_LIMIT))
     return {"mode": params.smoa.mode, "trajectories": report["trajectories"], "correct": report["correct"],
