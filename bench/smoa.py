@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,16 @@ def evaluate_mode(params: Params, model: Policy) -> dict[str, Any]:
             **cost(metrics["usage"], metrics["tasks"]), "wall_seconds": metrics["wall_seconds"]}
 
 
+def raw_reasons(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Why rows fail the raw suite's conversation checks, reason text without the message number."""
+    from collections import Counter
+
+    from cmat_pipeline.data.records import action_problem, role_problem
+
+    reasons = (role_problem(r.get("messages")) or action_problem(r) for r in rows)
+    return dict(Counter(re.sub(r"^message \d+:? ", "", why) for why in reasons if why))
+
+
 def teach_mode(params: Params, model: Policy) -> dict[str, Any]:
     from cmat_pipeline.collect import build_pool, collect, shard_paths
     from cmat_pipeline.data.expectations import SuiteSpec, validate_frame
@@ -72,7 +83,7 @@ def teach_mode(params: Params, model: Policy) -> dict[str, Any]:
     return {"mode": params.smoa.mode, "trajectories": report["trajectories"], "correct": report["correct"],
             "success_rate": round(report["correct"] / max(report["trajectories"], 1), 4),
             "raw_valid_rows": len(rows) - len(raw.row_reasons),
-            "raw_failures": sorted({f.expectation for f in raw.failures}),
+            "raw_failures": sorted({f.expectation for f in raw.failures}), "raw_reasons": raw_reasons(rows),
             **cost(policy.usage(), len(rows)), "wall_seconds": report["wall_seconds"]}
 
 
