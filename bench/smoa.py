@@ -8,7 +8,7 @@ Every mode uses the same loaded model, proposers (params.yaml's `smoa.proposers`
 temperatures), layers, top_k and judge (the SQL Checker); only `smoa.mode` changes. Prints, as JSON, accuracy
 next to cost per task (prompt + completion tokens of every role, model calls, replies generated) and, for the
 teacher part, the success rate of trajectories collected on synthetic tasks and whether they pass the
-data pipeline's raw validation (the filter stage's first suite).
+data pipeline's raw validation (the filter stage's first suite). Writes report.json and report.md (tables).
 """
 
 from __future__ import annotations
@@ -87,6 +87,26 @@ def teach_mode(params: Params, model: Policy) -> dict[str, Any]:
             **cost(policy.usage(), len(rows)), "wall_seconds": report["wall_seconds"]}
 
 
+def markdown(runs: list[dict[str, Any]], teachers: list[dict[str, Any]]) -> str:
+    """The two tables for docs/BENCHMARKS.md."""
+    lines = ["| mode | overall_cat_accuracy | first-turn valid format | completed / invalid format / task limit | "
+             "tokens / task | completion tokens / task | replies / task | model calls | turns / task | layers / turn | "
+             "early stops | wall |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        o = r["outcomes"]
+        lines.append(f"| {r['mode']} | {r['overall_cat_accuracy']} | {r['first_turn_valid_format']} % | {o['completed']} / "
+                     f"{o['invalid_format']} / {o['task_limit_exceeded']} | {r['tokens_per_task']:,.0f} | "
+                     f"{r['completion_tokens_per_task']:,.0f} | {r['replies_per_task']} | {r['model_calls']} | "
+                     f"{r['turns_per_task']} | {r['layers_per_turn']} | {r['early_stops']} | {r['wall_seconds']} s |")
+    lines += ["", "| teacher | trajectories | correct | success rate | rows passing raw validation | why rows fail | "
+              "tokens / task | replies / task | wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in teachers:
+        why = "; ".join(f"{k} ({v})" for k, v in r["raw_reasons"].items()) or "-"
+        lines.append(f"| {r['mode']} | {r['trajectories']} | {r['correct']} | {r['success_rate']} | {r['raw_valid_rows']} / "
+                     f"{r['trajectories']} | {why} | {r['tokens_per_task']:,.0f} | {r['replies_per_task']} | {r['wall_seconds']} s |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -142,6 +162,7 @@ def main() -> None:
               "evaluation": runs, "teacher": teachers, "skipped_over_budget": skipped, "total_wall_seconds": round(time.perf_counter() - start, 1)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (Path(args.out) / "report.md").write_text(markdown(runs, teachers))
     print(json.dumps(report, indent=2))
 
 
