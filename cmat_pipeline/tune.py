@@ -112,10 +112,13 @@ def corrected_turns(result: dict[str, Any]) -> list[int]:
 # ------------------------------------------------------------------------------------- recipe
 
 
+NOT_FINGERPRINTED = ("out_dir", "iterations")  # iterations: no iteration depends on the total, so a run can be extended
+
+
 def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
     """What must match for a checkpoint to be resumed: the config, the model, the init adapter, the pool."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(params.cmat).items() if k != "out_dir"},
-                                       sort_keys=True).encode())
+    cfg = {k: v for k, v in dataclasses.asdict(params.cmat).items() if k not in NOT_FINGERPRINTED}
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     digest.update(json.dumps([dataclasses.asdict(params.generation), params.db.backend, params.db.max_rounds],
                              sort_keys=True).encode())
     for folder in (Path(params.model.dir), Path(params.cmat.init_adapter) if params.cmat.init_adapter else None):
@@ -367,6 +370,7 @@ class CMATRecipe:
         return metrics
 
     def train(self) -> None:
+        """Iterations start_iteration..cmat.iterations; a checkpoint past that (a shortened run) just saves."""
         for i in range(self.start_iteration, self.cfg.iterations):
             metrics = self.iteration(i)
             self.history.append(metrics)

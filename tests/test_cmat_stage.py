@@ -254,6 +254,15 @@ def test_killed_run_resumes_without_repeating_or_losing_updates(tiny_model_dir, 
     assert memory == whole_memory and memory  # the interrupted iteration's lessons were not stored twice
     assert (tmp_path / "killed" / "checkpoints" / "rollouts" / "iter-1.jsonl").is_file()  # kept across the kill
 
+    # A run can be extended: the same config with more iterations continues from the last checkpoint.
+    longer = CMATRecipe(params(tmp_path / "whole"), progress=False)
+    longer.cfg.iterations = 3  # the uninterrupted run left its iteration-2 checkpoint (cleanup(success=False))
+    longer.setup()
+    assert longer.start_iteration == 2
+    longer.train()
+    longer.cleanup(success=False)
+    assert [m["iteration"] for m in longer.history] == [1, 2, 3]
+
 
 def test_memory_round_trip_write_persist_recall_into_prompts(tiny_model_dir, sft_adapter, task_file, tmp_path):
     from cmat_pipeline.cmat.memory import ReflectionMemory
