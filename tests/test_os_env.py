@@ -149,7 +149,8 @@ def test_fork_bomb_is_contained_and_nothing_survives_close(cfg):
     result = box.shell(":(){ :|:& };:", timeout=3)
     assert result.exit_code is not None or result.timed_out
     assert _processes_in(namespace) <= cfg.max_processes + 2  # the process limit holds
-    assert box.shell("echo alive").output == "alive\n"
+    # still usable; while the bomb's last processes die, bash may first report a fork it could not make
+    assert box.shell("echo alive").output.endswith("alive\n")
     box.close()
     for _ in range(50):
         if _processes_in(namespace) == 0:

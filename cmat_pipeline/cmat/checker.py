@@ -157,15 +157,23 @@ def as_observation(feedback: str) -> str:
 
 
 @dataclass
-class CheckedDBEpisode(DBEpisode):
-    """A dbbench episode with the Checker in the loop: vetoed actions are not executed and the feedback
-    becomes the observation. After `max_vetoes` vetoes the environment judges turns on its own, so a
-    stubborn policy still ends (as AgentBench would end it)."""
+class CheckerInTheLoop:
+    """Checker-in-the-loop for any episode class (mixed in before it): a vetoed action is not executed and the
+    feedback becomes the observation. After `max_vetoes` vetoes the environment judges turns on its own, so a
+    stubborn policy still ends (as AgentBench would end it). Subclasses say how to parse a turn and which
+    field of a turn record holds what ran."""
 
-    checker: SQLChecker | None = None
+    checker: "object | None" = None
     max_vetoes: int = 3
     vetoes: int = 0
     executed: list[str] = field(default_factory=list)
+
+    def parse(self, response: str):
+        raise NotImplementedError
+
+    def ran(self, turn: dict) -> str | None:
+        """What the environment executed in this turn (kept for dry runs and the Checker's history)."""
+        raise NotImplementedError
 
     def step(self, response: str | None) -> None:
         if response is None or self.checker is None:
@@ -176,12 +184,25 @@ class CheckedDBEpisode(DBEpisode):
             self.vetoes += 1
             self.messages += [{"role": "assistant", "content": response},
                               {"role": "user", "content": as_observation(verdict.feedback)}]
-            self.turns.append({"response": response, "action": parse_action(response).kind, "vetoed": True,
+            self.turns.append({"response": response, "action": self.parse(response).kind, "vetoed": True,
                                "issues": verdict.issues, "reward": verdict.reward, "feedback": verdict.feedback})
             return
         super().step(response)
         turn = self.turns[-1]
         turn.update(vetoed=False, issues=verdict.issues, reward=0.0 if verdict.ok else verdict.reward,
                     feedback=verdict.feedback)
-        if "sql" in turn and not _is_error(turn["observation"]):
-            self.executed.append(turn["sql"])
+        executed = self.ran(turn)
+        if executed is not None:
+            self.executed.append(executed)
+
+
+@dataclass
+class CheckedDBEpisode(CheckerInTheLoop, DBEpisode):
+    """A dbbench episode with the SQL Checker in the loop; statements that ran without error are replayed
+    on the scratch copy before each dry run."""
+
+    def parse(self, response: str):
+        return parse_action(response)
+
+    def ran(self, turn: dict) -> str | None:
+        return turn["sql"] if "sql" in turn and not _is_error(turn["observation"]) else None

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
-from cmat_pipeline.cmat.checker import Verdict, as_observation
+from cmat_pipeline.cmat.checker import CheckerInTheLoop, Verdict
 from cmat_pipeline.envs.os_interaction import OSEpisode, OSTask, parse_action
 
 FORMAT_HINT = ("Reply with `Think: ...` and then exactly one of\nAct: bash\n\n```bash\n# your code\n```\n"
@@ -237,30 +237,11 @@ class ShellChecker:
 
 
 @dataclass
-class CheckedOSEpisode(OSEpisode):
-    """An OS episode with the Checker in the loop: a vetoed turn is not executed and its feedback is the
-    observation; after `max_vetoes` vetoes the environment judges turns on its own, so every episode ends."""
+class CheckedOSEpisode(CheckerInTheLoop, OSEpisode):
+    """An OS episode with the shell Checker in the loop: a vetoed command never runs."""
 
-    checker: ShellChecker | None = None
-    max_vetoes: int = 3
-    vetoes: int = 0
-    executed: list[str] = field(default_factory=list)
+    def parse(self, response: str):
+        return parse_action(response)
 
-    def step(self, response: str | None) -> None:
-        if response is None or self.checker is None:
-            super().step(response)
-            return
-        verdict = self.checker.check(self.task, response, self.executed)
-        if verdict.vetoed and self.vetoes < self.max_vetoes:
-            self.vetoes += 1
-            self.messages += [{"role": "assistant", "content": response},
-                              {"role": "user", "content": as_observation(verdict.feedback)}]
-            self.turns.append({"response": response, "action": parse_action(response).kind, "vetoed": True,
-                               "issues": verdict.issues, "reward": verdict.reward, "feedback": verdict.feedback})
-            return
-        super().step(response)
-        turn = self.turns[-1]
-        turn.update(vetoed=False, issues=verdict.issues, reward=0.0 if verdict.ok else verdict.reward,
-                    feedback=verdict.feedback)
-        if "command" in turn:
-            self.executed.append(turn["command"])
+    def ran(self, turn: dict) -> str | None:
+        return turn.get("command")
