@@ -149,8 +149,9 @@ def test_fork_bomb_is_contained_and_nothing_survives_close(cfg):
     result = box.shell(":(){ :|:& };:", timeout=3)
     assert result.exit_code is not None or result.timed_out
     assert _processes_in(namespace) <= cfg.max_processes + 2  # the process limit holds
-    # still usable; while the bomb's last processes die, bash may first report a fork it could not make
-    assert box.shell("echo alive").output.endswith("alive\n")
+    # still usable; while the bomb's last processes die, bash may also report forks it could not make
+    after = box.shell("echo alive")
+    assert after.exit_code == 0 and "alive" in after.output.splitlines()
     box.close()
     for _ in range(50):
         if _processes_in(namespace) == 0:
