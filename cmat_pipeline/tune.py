@@ -61,7 +61,7 @@ def load_task_pool(params: Params) -> list[dict[str, Any]]:
     evaluation = {Path(p).resolve() for p in [params.evaluate.tasks, *params.filter.decontaminate]}
     if source.resolve() in evaluation or "standard" in source.name:
         raise ConfigError(f"cmat.tasks: {source} is an evaluation split; CMAT trains on training tasks only")
-    entries, seen = [], set()
+    entries, seen, not_tasks, repeated = [], set(), 0, 0
     for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -70,18 +70,21 @@ def load_task_pool(params: Params) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise DataError(f"{source}:{lineno}: not valid JSON: {err}") from None
         entry = row.get("task") if cfg.tasks == "" else row
-        if cfg.tasks == "" and row.get("domain") != "db":
-            continue
         if not isinstance(entry, dict) or "table" not in entry:
             if cfg.tasks:
                 raise DataError(f"{source}:{lineno}: not a dbbench task (no `table`)")
+            not_tasks += 1  # general instructions, imported conversations: training data, not playable tasks
             continue
         key = (entry.get("description"), json.dumps(entry.get("table"), sort_keys=True))
-        if key not in seen:
-            seen.add(key)
-            entries.append(entry)
+        if key in seen:
+            repeated += 1
+            continue
+        seen.add(key)
+        entries.append(entry)
     if not entries:
         raise DataError(f"{source}: holds no dbbench tasks for the User to pose")
+    log.info("cmat: task pool %s: %d tasks; %d rows hold no playable dbbench task, %d repeat a task", source,
+             len(entries), not_tasks, repeated)
     return entries
 
 
