@@ -385,13 +385,19 @@ def fingerprint(params: Params) -> str:
     cfg = {k: v for k, v in dataclasses.asdict(params.sft).items() if k not in NOT_FINGERPRINTED}
     model_dir, data_dir = Path(params.model.dir), Path(params.mix.out_dir)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    for f in sorted(model_dir.glob("*")):  # weights by size (hashing GBs is slow), small files by content
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        if f.suffix == ".json":
-            digest.update(f.read_bytes())
+    update_with_folder(digest, model_dir)
     for name in ("train.jsonl", "val.jsonl"):
         digest.update(hashlib.sha256((data_dir / name).read_bytes()).digest())
     return digest.hexdigest()
+
+
+def update_with_folder(digest: Any, folder: Path) -> None:
+    """A model or adapter folder's identity: weights by size (hashing GBs is slow), small json files by content."""
+    for f in sorted(folder.glob("*")):
+        if f.is_file():
+            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+            if f.suffix == ".json":
+                digest.update(f.read_bytes())
 
 
 def complete_checkpoints(folder: Path, prefix: str = "checkpoint-", last_file: str = "trainer_state.json") -> list[Path]:

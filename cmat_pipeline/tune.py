@@ -124,10 +124,11 @@ def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     digest.update(json.dumps([dataclasses.asdict(params.generation), params.db.backend, params.db.max_rounds],
                              sort_keys=True).encode())
-    for folder in (Path(params.model.dir), Path(params.cmat.init_adapter) if params.cmat.init_adapter else None):
-        for f in sorted(folder.glob("*")) if folder else []:
-            if f.is_file():
-                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    from cmat_pipeline.sft import update_with_folder
+
+    update_with_folder(digest, Path(params.model.dir))
+    if params.cmat.init_adapter:
+        update_with_folder(digest, Path(params.cmat.init_adapter))
     digest.update(json.dumps(list(pool), sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
