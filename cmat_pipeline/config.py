@@ -549,14 +549,17 @@ class CMATConfig:
     """Lessons recalled per task."""
     reflection_loss_weight: float = 0.5
     """Weight of the supervised term on corrected actions (eq. 8): accepted turns right after a veto or an SQL
-    error in a correct episode; 0 = ablation."""
-    actor_lr: float = 2e-5
+    error in a correct episode, and the Checker's corrections (cmat.corrections); 0 = ablation."""
+    corrections: bool = True
+    """Checker corrections: for a failed episode, the Checker (which knows the training task's gold SQL) writes
+    the corrected action at the first turn that left the gold plan; the reflection loss trains the actor on it."""
+    actor_lr: float = 1e-4
     """Learning rate of the actor's LoRA weights."""
     critic_lr: float = 1e-4
     """Learning rate of the critic's LoRA weights and value head."""
     ppo_epochs: int = 1
     """Passes over each iteration's episodes."""
-    minibatch_episodes: int = 4
+    minibatch_episodes: int = 2
     """Episodes per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""

@@ -15,7 +15,8 @@ Each iteration:
   4. rewards r_t = feedback_weight * checker reward + task success on the last turn; the critic V(s_t)
      (own adapter + value head) gives TD(0)/GAE advantages (eq. 4) and learns by TD (eq. 5);
   5. the actor takes a clipped policy-gradient step on each turn's tokens weighted by its advantage
-     (eq. 3), with a KL penalty to the SFT reference and a supervised term on corrected actions (eq. 8).
+     (eq. 3), with a KL penalty to the SFT reference and a supervised term on corrected actions (eq. 8):
+     the episode's own fixes, and the Checker's correction of a failed episode's first wrong turn.
 A checkpoint (actor, critic, optimisers, memory, User statistics, iteration) is written after every
 iteration; run the stage again after a kill and it continues from the last complete iteration, which
 replays the interrupted one exactly (per-iteration seeds), so no update is repeated or lost.
@@ -218,8 +219,12 @@ class CMATRecipe:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
+        from cmat_pipeline.cmat.corrections import correction
+
+        correct_failures = cfg.corrections and cfg.reflection_loss_weight > 0
         for result in results:  # the plain question (without recalled lessons) keys long-term memory
             result["question"] = db_tasks[result["index"]].question
+            result["correction"] = correction(result, db_tasks[result["index"]]) if correct_failures else None
         stats = {"rollout_seconds": round(seconds, 2), "episodes_per_minute": round(60 * len(results) / seconds, 2),
                  "rollout_tokens_per_second": round(timed.completion_tokens / max(timed.seconds, 1e-9), 2),
                  "generate_calls": timed.calls}
@@ -265,8 +270,24 @@ class CMATRecipe:
             token_turn = torch.tensor(enc.assistant_turn[1:], device=self.device)[mask[0, 1:].bool()]
             fixed = corrected_turns(result)
             examples.append({"ids": ids, "mask": mask, "token_turn": token_turn, "state_ends": [s - 1 for s in starts],
-                             "rewards": turn_rewards(result, self.cfg), "fixed": fixed, "tokens": len(enc.input_ids)})
+                             "rewards": turn_rewards(result, self.cfg), "fixed": fixed, "tokens": len(enc.input_ids),
+                             "correction": self._encoded_correction(result.get("correction"))})
         return examples, too_long
+
+    def _encoded_correction(self, correction: dict[str, Any] | None) -> tuple[Any, Any] | None:
+        """(ids, mask) of the Checker's corrected action in its conversation; only that action is a target."""
+        import torch
+
+        from cmat_pipeline.chat_format import encode_chat
+
+        if correction is None:
+            return None
+        enc = encode_chat(self.tokenizer, correction["messages"])
+        last = max(enc.assistant_turn)
+        if len(enc.input_ids) > self.cfg.max_seq_len or last < 0:
+            return None
+        mask = [int(turn == last) for turn in enc.assistant_turn]
+        return (torch.tensor([enc.input_ids], device=self.device), torch.tensor([mask], device=self.device))
 
     def _minibatches(self, n: int) -> list[list[int]]:
         size = self.cfg.minibatch_episodes
@@ -326,11 +347,15 @@ class CMATRecipe:
                     out = actor_loss(new[None], ex["old"][None], ex["ref"][None], token_adv[None],
                                      torch.ones_like(new)[None], clip=cfg.clip or None, kl_coef=cfg.kl_coef)
                     loss = out.loss
-                    if cfg.reflection_loss_weight > 0 and ex["fixed"]:
+                    if cfg.reflection_loss_weight > 0 and ex["fixed"]:  # the episode's own corrections
                         fixed = torch.isin(ex["token_turn"], torch.tensor(ex["fixed"], device=self.device))
                         reflection = -new[fixed].mean()
                         loss = loss + cfg.reflection_loss_weight * reflection
-                        reflection_terms.append(float(reflection))
+                        reflection_terms.append(float(reflection.detach()))
+                    if cfg.reflection_loss_weight > 0 and ex["correction"] is not None:  # the Checker's
+                        reflection = -net.token_logps(*ex["correction"], grad=True).mean()
+                        loss = loss + cfg.reflection_loss_weight * reflection
+                        reflection_terms.append(float(reflection.detach()))
                     (loss / len(batch)).backward()
                     kls.append(out.kl)
                     clips.append(out.clip_fraction)
@@ -343,6 +368,7 @@ class CMATRecipe:
             "kl": round(sum(kls) / len(kls), 6), "clip_fraction": round(sum(clips) / len(clips), 4),
             "reflection_loss": round(sum(reflection_terms) / len(reflection_terms), 5) if reflection_terms else None,
             "corrected_turns": sum(len(ex["fixed"]) for ex in examples),
+            "checker_corrections": sum(ex["correction"] is not None for ex in examples),
             "update_seconds": round(seconds, 2), "update_tokens_per_second": round(tokens * cfg.ppo_epochs / seconds, 2),
         }
 
@@ -369,7 +395,8 @@ class CMATRecipe:
         rollouts.mkdir(exist_ok=True)
         with (rollouts / f"iter-{i + 1}.jsonl").open("w") as f:
             for r in results:
-                f.write(json.dumps({k: r[k] for k in ("index", "type", "outcome", "correct", "turns", "messages")},
+                f.write(json.dumps({k: r.get(k) for k in ("index", "type", "outcome", "correct", "turns", "messages",
+                                                          "correction")},
                                    ensure_ascii=False) + "\n")
         return metrics
 
@@ -445,7 +472,8 @@ class CMATRecipe:
         last = self.history[-1] if self.history else {}
         return {
             "iterations": len(self.history), "episodes": sum(m["episodes"] for m in self.history),
-            "final": {k: last.get(k) for k in PLOTTED + ("episodes_trained", "reflection_loss", "corrected_turns")},
+            "final": {k: last.get(k) for k in PLOTTED + ("episodes_trained", "reflection_loss", "corrected_turns",
+                                                         "checker_corrections")},
             "success_rate_first": self.history[0]["success_rate"] if self.history else None,
             "success_rate_last": last.get("success_rate"), "wall_seconds": round(time.perf_counter() - self.started, 2),
             "device": self.device, "ablation": {"veto": self.cfg.veto, "value_function": self.cfg.value_function,

@@ -155,6 +155,55 @@ def test_rewards_and_corrected_turns_of_a_hand_made_episode():
     assert corrected_turns(result | {"correct": False}) == []
 
 
+def test_checker_corrects_the_first_turn_that_left_the_gold_plan(task_file):
+    from cmat_pipeline.cmat.corrections import correction
+    from cmat_pipeline.envs.dbbench import SYSTEM_PROMPT, FIRST_REPLY
+
+    entry = next(e for e in map(json.loads, task_file.read_text().splitlines()) if e["type"][0] == "other")
+    task = task_from_entry(entry, 0, "pool")
+    gold = task.gold_sql[0]
+    head = [{"role": "user", "content": SYSTEM_PROMPT}, {"role": "assistant", "content": FIRST_REPLY},
+            {"role": "user", "content": task.question}]
+    wrong = {"role": "assistant", "content": op("SELECT 1")}
+    vetoed = {"correct": False, "turns": [{"action": "operation", "vetoed": True}],
+              "messages": [*head, wrong, {"role": "user", "content": "Checker: no"}]}
+    fixed = correction(vetoed, task)
+    assert fixed["turn"] == 0 and fixed["messages"][:3] == head
+    assert fixed["messages"][3]["content"].endswith(f"```sql\n{gold.strip()}\n```")
+    # The gold statement ran, then a wrong answer: the correction is the answer from its result.
+    ran = {"correct": False, "turns": [{"action": "operation", "vetoed": False, "sql": gold + ";"},
+                                       {"action": "answer", "vetoed": False}],
+           "messages": [*head, {"role": "assistant", "content": op(gold)}, {"role": "user", "content": "[('42',)]"},
+                        {"role": "assistant", "content": 'Action: Answer\nFinal Answer: ["7"]'}]}
+    fixed = correction(ran, task)
+    assert fixed["turn"] == 1 and len(fixed["messages"]) == 6
+    assert fixed["messages"][-1]["content"].endswith('Final Answer: ["42"]')
+    assert correction(ran | {"correct": True}, task) is None  # a solved task needs no correction
+
+
+def test_update_learns_the_checkers_correction_of_a_failed_episode(tiny_model_dir, sft_adapter, task_file, tmp_path):
+    from cmat_pipeline.chat_format import encode_chat
+
+    params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", actor_lr=3e-3, kl_coef=0.0,
+                         ppo_epochs=3, reflection_loss_weight=1.0, memory=False)
+    recipe = CMATRecipe(params, progress=False)
+    recipe.setup()
+    try:
+        entry = next(e for e in recipe.pool if e["type"][0] not in ("INSERT", "UPDATE", "DELETE"))
+        failed = _episode(recipe, entry, "I do not know.")
+        target = failed["correction"]["messages"]
+        ids, mask = recipe._encoded_correction(failed["correction"])
+        assert mask.sum() > 0 and mask.sum() < len(encode_chat(recipe.tokenizer, target).input_ids)
+        before = float(recipe.net.token_logps(ids, mask, grad=False).sum())
+        stats = recipe.update([failed])
+        after = float(recipe.net.token_logps(ids, mask, grad=False).sum())
+    finally:
+        recipe.cleanup(success=False)
+    assert target[-1]["content"].endswith(f"```sql\n{task_from_entry(entry, 0, 'p').gold_sql[0].strip()}\n```")
+    assert stats["checker_corrections"] == 1 and stats["reflection_loss"] is not None
+    assert after > before
+
+
 def _episode(recipe, entry, response):
     """One finished episode of `entry` in which the actor wrote `response`."""
     recipe.policy = Scripted(response)
@@ -174,7 +223,8 @@ def _logp(recipe, result):
 def test_update_makes_rewarded_turns_likelier_and_penalised_ones_rarer(tiny_model_dir, sft_adapter, task_file,
                                                                         tmp_path, value_function):
     params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", actor_lr=3e-3, kl_coef=0.0,
-                         ppo_epochs=3, minibatch_episodes=2, value_function=value_function, memory=False)
+                         ppo_epochs=3, minibatch_episodes=2, value_function=value_function, memory=False,
+                         corrections=False)  # the policy gradient alone
     recipe = CMATRecipe(params, progress=False)
     recipe.setup()
     try:

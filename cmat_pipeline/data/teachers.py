@@ -96,6 +96,16 @@ def _answer(thought: str, values: list[str]) -> str:
     return f"{thought}\nAction: Answer\nFinal Answer: {json.dumps(values, ensure_ascii=False)}"
 
 
+def final_answer(task: DBTask, last_observation: str | None) -> str:
+    """The answer turn once every gold statement ran: the last result's values (None: nothing ran)."""
+    if task.is_modification:
+        return _answer("The statement ran without an error, so the table is now changed as asked.", [])
+    last = last_observation or ""
+    values = _values(last) if last_observation is not None else []
+    shown = last if len(last) <= 120 else last[:117] + "..."
+    return _answer(f"The query returned {shown}, so the answer is {', '.join(values)}.", values)
+
+
 class ReActOracle:
     """Gold-SQL teacher writing ReAct turns with exploration and error recovery."""
 
@@ -131,11 +141,7 @@ class ReActOracle:
             if step["kind"] == "fix":
                 thought = self._reflection(steps[done - 1]["mistake"], last) + " " + thought
             return _action(thought, step["sql"])
-        if task.is_modification:
-            return _answer("The statement ran without an error, so the table is now changed as asked.", [])
-        values = _values(last) if done else []
-        shown = last if len(last) <= 120 else last[:117] + "..."
-        return _answer(f"The query returned {shown}, so the answer is {', '.join(values)}.", values)
+        return final_answer(task, last if done else None)
 
     @staticmethod
     def _reflection(mistake: dict[str, str], observation: str) -> str:

@@ -1,0 +1,57 @@
+"""The Checker's corrections of failed episodes: eq. 8's supervised targets on the Assistant's own states.
+
+The User poses training tasks, whose reference solution (the gold SQL) the Checker knows. When an episode
+fails, the Checker finds the first turn that left the reference plan (a vetoed action, a statement that is
+not the next gold one, an early or wrong answer) and writes the corrected action for that state: the next
+gold statement, or the answer once every gold statement has run. The reflection loss then trains the actor
+on that action in the conversation as it really was (its own earlier turns, recalled lessons included).
+Successful episodes that fixed their own mistakes keep their own corrected turns (tune.corrected_turns).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from cmat_pipeline.chat_format import fixed_protocol_turns
+from cmat_pipeline.data.rationales import explain_sql
+from cmat_pipeline.data.teachers import _action, final_answer
+from cmat_pipeline.envs.dbbench import DBTask
+
+
+def _normal(sql: str) -> str:
+    return " ".join(sql.strip().rstrip(";").split()).lower()
+
+
+def first_deviation(turns: Sequence[dict[str, Any]], gold_sql: Sequence[str]) -> tuple[int, int] | None:
+    """(turn index, gold statements run before it) of the first turn off the reference plan, or None when
+    every turn followed it (the episode then failed for another reason, e.g. the round limit)."""
+    ran = 0
+    for t, turn in enumerate(turns):
+        follows = (not turn.get("vetoed") and turn["action"] == "operation" and ran < len(gold_sql)
+                   and _normal(turn.get("sql", "")) == _normal(gold_sql[ran]))
+        if not follows:
+            return t, ran
+        ran += 1
+    return None
+
+
+def correction(result: dict[str, Any], task: DBTask) -> dict[str, Any] | None:
+    """{"turn", "messages"}: the conversation up to the deviating turn followed by the corrected action, for a
+    failed episode; None for a correct one, or when nothing can be corrected."""
+    if result["correct"] or not result["turns"] or not task.gold_sql:
+        return None
+    found = first_deviation(result["turns"], task.gold_sql)
+    if found is None:
+        return None
+    turn, ran = found
+    messages = result["messages"]
+    skip = fixed_protocol_turns(messages)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= skip]
+    prefix = messages[:assistant[turn]]
+    rng = random.Random(task.question)
+    if ran < len(task.gold_sql):
+        target = _action(explain_sql(task.gold_sql[ran], rng), task.gold_sql[ran])
+    else:  # every gold statement ran: answer (the table for a modification, else the last result's values)
+        target = final_answer(task, prefix[-1]["content"])
+    return {"turn": turn, "messages": [*prefix, {"role": "assistant", "content": target}]}
