@@ -35,7 +35,8 @@ from typing import Any
 
 from cmat_pipeline.errors import CmatError, ConfigError
 
-STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "cmat", "evaluate"]
+STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "cmat", "evaluate",
+          "report"]
 """`cmat <stage>` commands in pipeline order; the DAG makes one task per entry."""
 GPU_STAGES = frozenset({"general", "sft", "cmat", "evaluate"})
 """Stages that run a model: on Kubernetes they get a GPU pod, elsewhere nothing changes."""
@@ -45,7 +46,7 @@ ADAPTER_SECTIONS = ("cmat", "sft")
 STAGE_OUTPUTS = {"prepare-model": (), "collect": ("collect.out_dir",), "filter": ("filter.out_dir",),
                  "augment": ("augment.out_dir",), "distill": ("distill.out_dir",), "general": ("mix.general_dir",),
                  "mix": ("mix.out_dir",), "sft": ("sft.out_dir",), "cmat": ("cmat.out_dir",),
-                 "evaluate": ("evaluate.out_dir",)}
+                 "evaluate": ("evaluate.out_dir",), "report": ("report.out_dir",)}
 """What each stage leaves in the workspace (params keys), pushed to the registry as the stage's checkpoint when
 CMAT_REGISTRY is set. prepare-model pushes only its record: the model is rebuilt from $CMAT_CACHE in seconds."""
 
