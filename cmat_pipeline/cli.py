@@ -6,6 +6,7 @@
     cmat sft [--set sft.method=ptuning]
     cmat cmat [--set cmat.iterations=1]             # CMAT actor-critic tuning (tune.py)
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
+    cmat report                                       # git-tracked metrics, plots, report.md of the run
     cmat pull --alias production --what adapter      # artifacts from the S3 registry
     cmat serve [--set serve.adapter='']               # an OpenAI-compatible endpoint (docs/SERVING.md)
     cmat checker-eval | cmat prompt-eval              # the paper's Table I and Table III
@@ -32,6 +33,7 @@ STAGES = {
     "sft": "cmat_pipeline.sft",
     "cmat": "cmat_pipeline.tune",
     "evaluate": "cmat_pipeline.evaluate",
+    "report": "cmat_pipeline.report",
     "evaluate-os": "cmat_pipeline.evaluate_os",
     "pull": "cmat_pipeline.registry",
     "serve": "cmat_pipeline.serve",

@@ -591,6 +591,19 @@ class CMATConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The `report` stage: the run's sft, cmat and evaluate results in small git-tracked files, so
+    `dvc metrics diff` and `dvc plots diff` work in a clone without the DVC cache."""
+
+    out_dir: str = "artifacts/report"
+    """metrics.json (sft / cmat / evaluate scalars), plots/sft/*.tsv, plots/cmat/*.tsv and report.md; outside
+    every cached output folder (`cache: false` in dvc.yaml, committed to git)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out_dir.strip()), "report.out_dir", "must name a folder")
+
+
+@dataclass
 class ServeConfig:
     """`cmat serve`: model.dir (+ an adapter) as an OpenAI-compatible chat-completions endpoint."""
 
@@ -751,6 +764,7 @@ class Params:
     mix: MixConfig = field(default_factory=MixConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     cmat: CMATConfig = field(default_factory=CMATConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     smoa: SMoAConfig = field(default_factory=SMoAConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     checker_eval: CheckerEvalConfig = field(default_factory=CheckerEvalConfig)

@@ -35,7 +35,8 @@ from typing import Any
 
 from cmat_pipeline.errors import CmatError, ConfigError
 
-STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "cmat", "evaluate"]
+STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "cmat", "evaluate",
+          "report"]
 """`cmat <stage>` commands in pipeline order; the DAG makes one task per entry."""
 GPU_STAGES = frozenset({"general", "sft", "cmat", "evaluate"})
 """Stages that run a model: on Kubernetes they get a GPU pod, elsewhere nothing changes."""
@@ -45,7 +46,7 @@ ADAPTER_SECTIONS = ("cmat", "sft")
 STAGE_OUTPUTS = {"prepare-model": (), "collect": ("collect.out_dir",), "filter": ("filter.out_dir",),
                  "augment": ("augment.out_dir",), "distill": ("distill.out_dir",), "general": ("mix.general_dir",),
                  "mix": ("mix.out_dir",), "sft": ("sft.out_dir",), "cmat": ("cmat.out_dir",),
-                 "evaluate": ("evaluate.out_dir",)}
+                 "evaluate": ("evaluate.out_dir",), "report": ("report.out_dir",)}
 """What each stage leaves in the workspace (params keys), pushed to the registry as the stage's checkpoint when
 CMAT_REGISTRY is set. prepare-model pushes only its record: the model is rebuilt from $CMAT_CACHE in seconds."""
 
@@ -409,13 +410,56 @@ def _write_run_record(workspace: Path) -> Path:
     return path
 
 
+def finished_stages(workspace: Path) -> list[str]:
+    """The stages whose last attempt in `workspace` succeeded (their .cmat/stages record), in pipeline order."""
+    records = workspace / ".cmat" / "stages"
+    return [stage for stage in STAGES if (records / f"{stage}.json").is_file()
+            and json.loads((records / f"{stage}.json").read_text()).get("returncode") == 0]
+
+
+def write_run_lock(workspace: Path) -> Path | None:
+    """Write the workspace's dvc.lock for its finished stages; None when no stage has finished.
+
+    Airflow runs the stages directly, not through `dvc repro`, so a run has no lock of its own. DVC itself
+    hashes and writes it, from the dvc.yaml and params.yaml the run copied: the entries `dvc commit -f` would
+    write (schema 2.0; per stage cmd, deps and outs with md5, size and nfiles for folders, params), but nothing
+    is copied into a DVC cache. The file is written whole, so it holds exactly this run's finished stages.
+    """
+    stages = [task_id(stage) for stage in finished_stages(workspace)]  # dvc.yaml names: prepare_model, ...
+    lock = workspace / "dvc.lock"
+    lock.unlink(missing_ok=True)
+    if not stages:
+        return None
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(workspace), config={"core": {"no_scm": True}}) as repo, repo.lock:
+            by_name = {stage.name: stage for stage in repo.index.stages}
+            if missing := [name for name in stages if name not in by_name]:
+                raise CmatError(f"{workspace / 'dvc.yaml'} has no stage {', '.join(missing)}; every entry of "
+                                "orchestration.STAGES needs one")
+            for name in stages:
+                try:
+                    by_name[name].save(run_cache=False)  # DVC's hashes of deps and outs; the cache is untouched
+                except DvcException as err:
+                    raise CmatError(f"cannot lock stage {name} of {workspace}: {err}") from err
+            by_name[stages[0]].dvcfile.dump_stages([by_name[n] for n in stages], update_pipeline=False)
+    except DvcException as err:
+        raise CmatError(f"cannot write {lock}: {err}") from err
+    return lock
+
+
 def publish(run_id: str, registry: Any = None) -> dict[str, Any]:
-    """Upload the run's artifacts to the S3 registry (verified; re-running finishes an interrupted push)."""
+    """Upload the run's artifacts, with its dvc.lock (write_run_lock), to the S3 registry (verified; re-running
+    finishes an interrupted push)."""
     from cmat_pipeline.registry import Registry
 
     registry = registry or Registry.from_env()
     key = run_key(run_id)
-    manifest = registry.publish_run(key, run_artifacts(existing_workspace(run_id)))
+    workspace = existing_workspace(run_id)
+    write_run_lock(workspace)
+    manifest = registry.publish_run(key, run_artifacts(workspace))
     return {"run_id": key, "registry": registry.config.url("runs", key), "files": len(manifest["files"]),
             "metrics": manifest["metrics"]}
 

@@ -1,7 +1,7 @@
 """Artifact registry in S3 (AWS, MinIO, any S3 API): every run's outputs, checksummed, plus aliases.
 
 Layout under `s3://<bucket>/<prefix>/`:
-    runs/<run_id>/params.yaml, dvc.lock, run.json     how the run was made
+    runs/<run_id>/params.yaml, dvc.lock, run.json     how the run was made (dvc.lock: orchestration.write_run_lock)
     runs/<run_id>/metrics/*.json                       e.g. metrics/evaluate.json
     runs/<run_id>/dataset/card.json, card.md, ...      the dataset card (+ train/val files)
     runs/<run_id>/adapter/...                          the tuned adapter
@@ -20,6 +20,7 @@ Configure with environment variables (credentials never go into params.yaml or g
 Run it:
     cmat pull --alias production --what adapter --dest artifacts/production
     cmat pull --run scheduled__2026-11-16T03-00-00-00-00 --what all
+    cmat pull --run scheduled__2026-11-16T03-00-00-00-00 --what lock   # its dvc.lock (+ params.yaml, run.json)
     cmat pull --list
 Publishing and promotion are called by the pipeline (`cmat_pipeline.orchestration.publish`).
 """
@@ -50,7 +51,9 @@ ENV_REGION = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 KINDS = ("params", "dvc_lock", "run", "metrics", "dataset", "adapter", "report")
 SINGLE_FILES = {"params": "params.yaml", "dvc_lock": "dvc.lock", "run": "run.json"}
-PULL_CHOICES = ("adapter", "dataset", "report", "metrics", "all")
+PULL_CHOICES = ("adapter", "dataset", "report", "metrics", "lock", "all")
+PULL_KINDS = {"lock": "dvc_lock"}
+"""`--what` choices named otherwise than the kind they pull."""
 ALWAYS_PULLED = ("params", "run")  # provenance travels with whatever is pulled
 MANIFEST = "manifest.json"
 DEFAULT_METRIC = "overall_cat_accuracy"
@@ -513,9 +516,10 @@ class Registry:
         run_id = run_id or self.resolve_alias(alias)  # type: ignore[arg-type]
         manifest = self.read_manifest(run_id)
         dest = Path(dest or Path("artifacts") / "registry" / run_id)
-        wanted = {k for k in KINDS if what == "all" or k == what} | set(ALWAYS_PULLED)
+        kind = PULL_KINDS.get(what, what)
+        wanted = {k for k in KINDS if what == "all" or k == kind} | set(ALWAYS_PULLED)
         selected = {rel: e for rel, e in manifest["files"].items() if e["kind"] in wanted}
-        if what != "all" and not any(e["kind"] == what for e in selected.values()):
+        if what != "all" and not any(e["kind"] == kind for e in selected.values()):
             raise RegistryError(f"run {run_id!r} has no {what} files (it has: "
                                 f"{', '.join(sorted({e['kind'] for e in manifest['files'].values()}))})")
         downloaded = 0

@@ -549,3 +549,76 @@ def test_dvc_s3_remote_from_environment_variables_only(s3_endpoint, tmp_path):
     _push_lose_pull(repo, data, s3_endpoint, "dvc-env-remote", "cmat", env)
     for name in (".dvc/config", ".dvc/config.local"):
         assert not (repo / name).exists() or SECRET not in (repo / name).read_text()
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_a_run_publishes_its_dvc_lock_and_pull_fetches_it(registry, tmp_path, s3_endpoint, monkeypatch, capsys,
+                                                          db_dev_file):
+    """Airflow runs the stages without dvc; publish writes the run's dvc.lock with DVC's own hashing: the very
+    file `dvc commit -f` writes in a git copy of the workspace, for the stages that finished, and nothing goes
+    into a DVC cache. `cmat pull --what lock` fetches it with the run's params."""
+    import yaml
+
+    from cmat_pipeline import orchestration
+
+    monkeypatch.setenv("CMAT_WORKSPACES", str(tmp_path / "runs"))
+    run_id = "manual__2026-12-04T10:00:00+00:00"
+    workspace = orchestration.run_workspace(run_id, [])
+    for rel, text in {"artifacts/model/config.json": "{}", "artifacts/model/model.safetensors": "weights",
+                      "artifacts/sft/metrics.json": json.dumps({"method": "lora", "steps": 2, "train_loss": 1.0}),
+                      "artifacts/sft/plots/train_loss.tsv": "step\tloss\n1\t1.0\n",
+                      "artifacts/sft/plots/val_loss.tsv": "step\tval_loss\n",
+                      "artifacts/sft/plots/learning_rate.tsv": "step\tlearning_rate\n1\t0.001\n",
+                      "artifacts/cmat/adapter_model.safetensors": "actor",
+                      "artifacts/cmat/metrics.json": json.dumps({"iterations": 1, "history": [{"iteration": 1}]}),
+                      "artifacts/cmat/plots/mean_reward.tsv": "iteration\tmean_reward\n1\t0.5\n",
+                      "artifacts/eval/metrics.json": json.dumps({"overall_cat_accuracy": 25.0, "tasks": 4}),
+                      "artifacts/eval/trajectories.jsonl": "{}\n", "artifacts/eval/report.md": "# eval\n",
+                      "artifacts/eval/report.png": "png", "artifacts/eval/resolved_params.yaml": "{}\n",
+                      ".cmat/stages/evaluate.json": '{"stage": "evaluate", "returncode": 0}',
+                      ".cmat/stages/sft.json": '{"stage": "sft", "returncode": 1}'}.items():  # a failed attempt
+        (workspace / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workspace / rel).write_text(text)
+    orchestration.run_stage("report", run_id, [])  # the real stage, as the DAG's report task runs it
+
+    published = orchestration.publish(run_id, registry)
+    manifest = registry.read_manifest(published["run_id"])
+    assert manifest["files"]["dvc.lock"]["kind"] == "dvc_lock"
+    assert not (workspace / ".dvc/cache").exists(), "locking copies nothing into a DVC cache"
+    assert orchestration.publish(run_id, registry)["files"] == published["files"], "the same lock: a no-op"
+
+    monkeypatch.setenv("CMAT_REGISTRY", f"s3://{registry.config.bucket}/cmat")
+    monkeypatch.setenv("CMAT_S3_ENDPOINT", s3_endpoint)
+    dest = tmp_path / "pulled"
+    assert cli.main(["pull", "--run", published["run_id"], "--what", "lock", "--dest", str(dest)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"] == 3
+    assert sorted(p.name for p in dest.iterdir()) == ["dvc.lock", "manifest.json", "params.yaml", "run.json"]
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    assert lock["schema"] == "2.0" and list(lock["stages"]) == ["evaluate", "report"], "finished stages only"
+    evaluate = lock["stages"]["evaluate"]
+    assert evaluate["cmd"] == "python -m cmat_pipeline.evaluate --no-progress"
+    deps = {d["path"]: d for d in evaluate["deps"]}
+    code = workspace / "cmat_pipeline/evaluate.py"
+    assert deps["cmat_pipeline/evaluate.py"] == {"path": "cmat_pipeline/evaluate.py", "hash": "md5",
+                                                 "md5": _md5(code), "size": code.stat().st_size}
+    assert deps["artifacts/model"]["md5"].endswith(".dir") and deps["artifacts/model"]["nfiles"] == 2
+    assert deps[str(db_dev_file.resolve())]["md5"] == _md5(db_dev_file)
+    assert evaluate["params"]["params.yaml"]["evaluate"]["adapter"] == "artifacts/cmat"
+    outs = {o["path"]: o for o in lock["stages"]["report"]["outs"]}
+    assert outs["artifacts/report/metrics.json"]["md5"] == _md5(workspace / "artifacts/report/metrics.json")
+    assert outs["artifacts/report/plots/cmat"]["nfiles"] == 1
+
+    env = _clean_env(tmp_path)
+    copy = tmp_path / "git-copy"
+    shutil.copytree(workspace, copy, symlinks=True)
+    (copy / "dvc.lock").unlink()
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True, env=env)
+    _dvc(copy, "commit", "-f", "evaluate", "report", env=env)
+    assert yaml.safe_load((copy / "dvc.lock").read_text()) == lock, "what `dvc commit -f` writes"
+
+    (workspace / "artifacts/report/metrics.json").unlink()  # a finished stage's output lost: no silent lock
+    with pytest.raises(Exception, match="cannot lock stage report of .*artifacts/report/metrics.json"):
+        orchestration.write_run_lock(workspace)
