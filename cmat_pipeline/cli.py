@@ -6,6 +6,7 @@
     cmat sft [--set sft.method=ptuning]
     cmat cmat [--set cmat.iterations=1]             # CMAT actor-critic tuning (tune.py)
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
+    cmat evaluate-os | cmat evaluate-kg [--set kg.policy=oracle]   # AgentBench OS and KG
     cmat pull --alias production --what adapter      # artifacts from the S3 registry
     cmat serve [--set serve.adapter='']               # an OpenAI-compatible endpoint (docs/SERVING.md)
     cmat checker-eval | cmat prompt-eval              # the paper's Table I and Table III
@@ -33,6 +34,7 @@ STAGES = {
     "cmat": "cmat_pipeline.tune",
     "evaluate": "cmat_pipeline.evaluate",
     "evaluate-os": "cmat_pipeline.evaluate_os",
+    "evaluate-kg": "cmat_pipeline.evaluate_kg",
     "pull": "cmat_pipeline.registry",
     "serve": "cmat_pipeline.serve",
     "checker-eval": "cmat_pipeline.checker_eval",

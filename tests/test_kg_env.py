@@ -150,3 +150,85 @@ def test_scores_task_files_and_errors(tmp_path):
     assert task.answers == {"m.0cit10"} and task.entities == {"Castavia": CASTAVIA}
     with pytest.raises(KGError, match="127.0.0.1:9"):
         HTTPSPARQLClient("http://127.0.0.1:9/sparql", 2).select("SELECT * WHERE { ?s ?p ?o }")
+
+
+# ------------------------------------------------------------------------------------- evaluate-kg
+
+
+def _params(tmp_path, **kg):
+    from cmat_pipeline.config import Params
+
+    params = Params()
+    params.kg = KGConfig(out_dir=str(tmp_path / "eval_kg"), **kg)
+    return params
+
+
+def test_evaluate_kg_oracle_scores_100_on_the_embedded_questions(tmp_path):
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    metrics = evaluate_kg(_params(tmp_path, policy="oracle"), progress=False)
+    out = tmp_path / "eval_kg"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["f1"] == metrics["em"] == metrics["executability"] == 100.0 and metrics["tasks"] == 7
+    assert metrics["endpoint"] == "embedded" and metrics["policy"] == "oracle:kg-actions"
+    rows = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [sorted(t.answers) for t in generated_tasks()]
+    assert "**F1: 100.0**" in (out / "report.md").read_text()
+    assert "policy: oracle" in (out / "resolved_params.yaml").read_text()
+
+
+def test_evaluate_kg_on_a_task_file_and_an_endpoint(tmp_path, endpoint):
+    from cmat_pipeline.envs.kg import task_entry
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    path = tmp_path / "kg.json"
+    entries = [task_entry(t) for t in generated_tasks()[:3]]
+    entries[1]["answer"].append({"answer_argument": "m.0fil99"})  # a gold answer the program cannot reach
+    path.write_text(json.dumps(entries))
+    metrics = evaluate_kg(_params(tmp_path, policy="oracle", endpoint=endpoint, tasks=str(path)), progress=False)
+    films = generated_tasks()[1].answers
+    f1_partial = f1_em(sorted(films), films | {"m.0fil99"})[0]
+    assert metrics["task_file"] == str(path) and metrics["endpoint"] == endpoint and metrics["tasks"] == 3
+    assert metrics["em"] == round(100 * 2 / 3, 2) and metrics["f1"] == round(100 * (2 + f1_partial) / 3, 2)
+
+
+def test_evaluate_kg_bad_task_files_name_the_file_and_row(tmp_path):
+    from cmat_pipeline.errors import DataError
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    path = tmp_path / "kg.json"
+    good = {"question": "q", "entities": {"Castavia": CASTAVIA}, "answer": [{"answer_argument": "m.0cit10"}]}
+    path.write_text(json.dumps([good, {"question": "r", "entities": {}, "answer": [{"entity_name": "x"}]}]))
+    with pytest.raises(DataError, match=rf"{path}:item 1: every `answer` item needs an `answer_argument`"):
+        evaluate_kg(_params(tmp_path, policy="oracle", tasks=str(path)), progress=False)
+    path.write_text(json.dumps([good]))  # well formed, but AgentBench's files carry no actions to replay
+    with pytest.raises(DataError, match=rf"{path}:item 0: no `actions` to play for the oracle"):
+        evaluate_kg(_params(tmp_path, policy="oracle", tasks=str(path)), progress=False)
+    assert not (tmp_path / "eval_kg").exists()
+
+
+def test_evaluate_kg_with_a_local_model(tmp_path, tiny_model_dir):
+    from cmat_pipeline.config import GenerationConfig, ModelConfig
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    params = _params(tmp_path, policy="model", limit=2, max_rounds=2)
+    params.model = ModelConfig(dir=str(tiny_model_dir), device="cpu")
+    params.generation = GenerationConfig(max_new_tokens=8, batch_size=2, max_context_tokens=4096)
+    metrics = evaluate_kg(params, progress=False)
+    assert metrics["policy"].startswith("hf:") and metrics["tasks"] == 2 and metrics["generate_calls"] >= 1
+    assert sum(metrics["outcomes"].values()) == 2 and 0 <= metrics["f1"] <= 100
+
+
+def test_training_questions_never_ask_what_evaluation_asks():
+    from cmat_pipeline.envs.kg import question_kind, task_entry, task_from_entry, training_tasks
+
+    evaluation, training = generated_tasks(), training_tasks()
+    asked = {e for t in evaluation for e in t.entities.values() if e != WRITER}
+    assert len(training) == 53 and not asked & {e for t in training for e in t.entities.values()}
+    assert all(t.answers for t in training) and len({t.question for t in training}) == len(training)
+    assert {question_kind(t.actions) for t in training[:7]} == {"one-hop", "multi-hop", "count", "superlative",
+                                                                "intersection"}
+    assert task_from_entry(task_entry(training[5]), 5, "x") == training[5]
+    results = play_kg(training, KGOraclePolicy(training), make_client(KGConfig()))
+    assert compute_kg_metrics(results)["em"] == 100.0
+    assert results[0]["turns"][0]["response"].startswith("Thought: I need to find the relations connected to")
