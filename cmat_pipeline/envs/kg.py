@@ -8,9 +8,10 @@ Variables are programs (AgentBench's s-expressions), compiled to SPARQL only whe
 code runs on AgentBench's Freebase endpoint (Virtuoso) and on the embedded pyoxigraph store.
 
     client = make_client(params.kg)                  # kg.endpoint '' -> the generated demo graph in pyoxigraph
-    tasks = generated_tasks()                        # or load_kg_tasks(params.kg.tasks)
+    tasks = generated_tasks()                        # or load_kg_tasks(params.kg.tasks); training_tasks() for collect
     episode = KGEpisode(tasks[0], KGSession(client, params.kg.namespace))
     python -m cmat_pipeline.envs.kg                  # demo: the oracle on the generated questions
+    cmat evaluate-kg                                 # the stage (evaluate_kg.py); collect.kg_tasks collects
 
 Schema conventions are Freebase's: entities and relations are local names under `kg.namespace`, a
 relation's range is its `type.property.expected_type`, names are `type.object.name`.
