@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from cmat_pipeline.config import Params, save_resolved
-from cmat_pipeline.data.records import write_jsonl
+from cmat_pipeline.config import Params
 from cmat_pipeline.errors import ConfigError
 from cmat_pipeline.runtime.policy import Conversation, Policy, PolicyOutput
 
@@ -157,17 +156,10 @@ def text_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, f
 
 
 def build_policy(params: Params, examples: Sequence[dict[str, Any]]) -> Policy:
-    kind = params.checker_eval.policy
-    if kind == "copy":
-        return CopyPolicy(examples)
-    if kind == "openai":
-        from cmat_pipeline.runtime.policy import OpenAIPolicy
+    from cmat_pipeline.runtime.evaluation import section_policy
 
-        return OpenAIPolicy(params.openai, params.generation)
-    from cmat_pipeline.runtime.policy import HFPolicy
-
-    return HFPolicy(params.model.dir, params.generation, adapter=params.checker_eval.adapter,
-                    device=params.model.device, dtype=params.model.dtype)
+    cfg = params.checker_eval
+    return section_policy(params, cfg.policy, cfg.adapter, copy=lambda: CopyPolicy(examples))
 
 
 # ------------------------------------------------------------------------------------- the stage
@@ -222,9 +214,8 @@ def _group(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[dict[str,
 
 
 def write_outputs(out: Path, params: Params, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    write_jsonl(out / "predictions.jsonl", rows)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_resolved(params, out)
+    from cmat_pipeline.runtime.evaluation import write_eval_outputs
+
     lines = ["# Checker evaluation: SQL correction (paper Table I)", "",
              f"Policy `{metrics['policy']}`, {metrics['examples']} held-out examples (shard `{metrics['shard']}`, "
              f"seed {metrics['seed']}), {metrics['wall_seconds']} s.", "",
@@ -233,7 +224,7 @@ def write_outputs(out: Path, params: Params, metrics: dict[str, Any], rows: list
              f"{metrics['exec_match']} | {metrics['unchanged']} |", "",
              "| mistake | examples | exec match % |", "|---|---|---|",
              *[f"| {k} | {v['examples']} | {v['exec_match']} |" for k, v in metrics["by_mistake"].items()], ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_eval_outputs(out, params, metrics, rows, "\n".join(lines), rows_name="predictions.jsonl")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

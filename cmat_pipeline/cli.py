@@ -7,6 +7,7 @@
     cmat cmat [--set cmat.iterations=1]             # CMAT actor-critic tuning (tune.py)
     cmat evaluate [--set evaluate.policy=oracle --set db.backend=mysql]
     cmat report                                       # git-tracked metrics, plots, report.md of the run
+    cmat evaluate-os | cmat evaluate-kg [--set kg.policy=oracle]   # AgentBench OS and KG
     cmat pull --alias production --what adapter      # artifacts from the S3 registry
     cmat serve [--set serve.adapter='']               # an OpenAI-compatible endpoint (docs/SERVING.md)
     cmat checker-eval | cmat prompt-eval              # the paper's Table I and Table III
@@ -35,6 +36,7 @@ STAGES = {
     "evaluate": "cmat_pipeline.evaluate",
     "report": "cmat_pipeline.report",
     "evaluate-os": "cmat_pipeline.evaluate_os",
+    "evaluate-kg": "cmat_pipeline.evaluate_kg",
     "pull": "cmat_pipeline.registry",
     "serve": "cmat_pipeline.serve",
     "checker-eval": "cmat_pipeline.checker_eval",

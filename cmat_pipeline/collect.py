@@ -5,8 +5,10 @@ Run it:
     cmat collect --set collect.shard=2026-11-16 --set collect.db_tasks=10000
     cmat collect --set collect.teacher=openai --set openai.model=my-vllm-model
 The pool is synthetic dbbench tasks (`collect.db_tasks`, deterministic in seed and shard) plus any
-AgentBench task files in `collect.import_tasks`; conversation files in `collect.import_conversations`
-become trajectories directly. Under `collect.out_dir`, per shard:
+AgentBench task files in `collect.import_tasks` (OS tasks are played with `collect.play_os`) plus
+`collect.kg_tasks` knowledge-graph questions over the embedded graph (never those `evaluate-kg` asks);
+conversation files in `collect.import_conversations` become trajectories directly. Under `collect.out_dir`,
+per shard:
     tasks/<shard>.jsonl          the pool (every task, all domains)
     trajectories/<shard>.jsonl   one record per played task or imported conversation (records.py)
     quarantine/<shard>.jsonl     imported items that could not be read, with the reason
@@ -28,6 +30,7 @@ from cmat_pipeline.data.records import iter_jsonl, repair_tail, write_jsonl
 from cmat_pipeline.runtime.policy import Policy
 
 GENERATED_SOURCE = "synth"
+KG_SOURCE = "synth-kg"
 
 
 def shard_paths(out_dir: str | Path, shard: str) -> dict[str, Path]:
@@ -53,7 +56,27 @@ def build_pool(params: Params) -> list[dict[str, Any]]:
     pool = [pool_entry(e) for e in generated]
     for path in cfg.import_tasks:
         pool.extend(import_agentbench_tasks(path))
+    if cfg.kg_tasks:
+        pool.extend(kg_pool(params))
     return pool
+
+
+def kg_pool(params: Params) -> list[dict[str, Any]]:
+    """The first `collect.kg_tasks` training questions over the embedded graph, as task-pool entries."""
+    from cmat_pipeline.data.records import content_id
+    from cmat_pipeline.envs.kg import task_entry, training_tasks
+    from cmat_pipeline.errors import ConfigError
+
+    n = params.collect.kg_tasks
+    if params.kg.endpoint:
+        raise ConfigError(f"collect.kg_tasks: the generated questions are about the embedded graph; set kg.endpoint "
+                          f"to '' (it is {params.kg.endpoint}) or collect.kg_tasks to 0")
+    tasks = training_tasks()
+    if n > len(tasks):
+        raise ConfigError(f"collect.kg_tasks: {n} asked, the embedded graph has {len(tasks)} training questions")
+    entries = [task_entry(t) for t in tasks[:n]]
+    return [{"id": content_id("kg", e), "domain": "kg", "source": KG_SOURCE, "task_type": "kg",
+             "question": e["question"], "task": e} for e in entries]
 
 
 def build_teacher(params: Params, db_entries: list[dict[str, Any]]) -> Policy:
@@ -128,12 +151,14 @@ def collect(params: Params, policy: Policy | None = None, progress: bool = True)
     todo = [e for e in db_entries if e["id"] not in done]
     os_todo = [dict(p["task"], id=p["id"], source=p["source"]) for p in pool
                if p["domain"] == "os" and cfg.play_os and p["id"] not in done]
+    kg_todo = [dict(p["task"], id=p["id"], source=p["source"]) for p in pool
+               if p["domain"] == "kg" and p["id"] not in done]
     imported, rejected = _import_conversations(params, done)
     write_jsonl(paths["quarantine"], rejected)
 
     paths["trajectories"].parent.mkdir(parents=True, exist_ok=True)
     with paths["trajectories"].open("a", encoding="utf-8") as sink, \
-            tqdm(total=len(todo) + len(os_todo), desc=f"collect {cfg.shard}", unit="task", disable=not progress) as bar:
+            tqdm(total=len(todo) + len(os_todo) + len(kg_todo), desc=f"collect {cfg.shard}", unit="task", disable=not progress) as bar:
         def keep(record: dict[str, Any]) -> None:
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()  # a kill loses at most the episode being written
@@ -148,12 +173,17 @@ def collect(params: Params, policy: Policy | None = None, progress: bool = True)
                           source=f"{GENERATED_SOURCE}:{cfg.shard}", on_record=keep, where=str(paths["tasks"]))
         finally:
             backend.close()
-        os_skipped = _play_os(params, os_todo, teacher, policy is None and cfg.teacher == "oracle", keep, bar)
+        oracle = policy is None and cfg.teacher == "oracle"
+        os_skipped = _play_os(params, os_todo, teacher, oracle, keep, bar)
+        _play_kg(params, kg_todo, teacher, oracle, keep)
     report = shard_report(params, pool, paths, teacher.name, resumed=len(done), rejected=len(rejected),
                           wall=time.perf_counter() - start)
+    played = ["db", *["os"] * cfg.play_os, *["kg"] * bool(cfg.kg_tasks)]
+    if played != ["db"]:
+        report.update(played_domains=played,
+                      pooled_not_played={d: n for d, n in report["pooled_not_played"].items() if d not in played})
     if cfg.play_os:
-        report.update(played_domains=["db", "os"], os_unsupported=os_skipped,
-                      pooled_not_played={d: n for d, n in report["pooled_not_played"].items() if d != "os"})
+        report["os_unsupported"] = os_skipped
     paths["reports"].parent.mkdir(parents=True, exist_ok=True)
     paths["reports"].write_text(json.dumps(report, indent=2) + "\n")
     save_resolved(params, Path(cfg.out_dir) / "reports", f"{cfg.shard}.params.yaml")
@@ -172,6 +202,32 @@ def _play_os(params: Params, entries: list[dict[str, Any]], teacher: Policy, ora
     play_os_tasks(entries, os_teacher(teacher, tasks, oracle), params.os, concurrency=params.generation.batch_size,
                   source=f"agentbench:{params.collect.shard}", on_record=keep, tasks=tasks)
     return skipped
+
+
+def _play_kg(params: Params, entries: list[dict[str, Any]], teacher: Policy, oracle: bool, keep) -> None:
+    """Play the pool's KG questions against the embedded graph; `oracle` plays their gold action programs."""
+    if not entries:
+        return
+    from cmat_pipeline.envs.kg import KGOraclePolicy, make_client, play_kg, task_from_entry
+
+    tasks = [task_from_entry(e, i, f"kg pool:item {i}") for i, e in enumerate(entries)]
+    player = KGOraclePolicy(tasks, "kg pool") if oracle else teacher
+    play_kg(tasks, player, make_client(params.kg), params.kg.namespace, params.kg.max_rounds,
+            params.generation.batch_size, on_result=lambda result: keep(kg_record(entries[result["index"]], result,
+                                                                                  player.name)))
+
+
+def kg_record(entry: dict[str, Any], result: dict[str, Any], teacher: str) -> dict[str, Any]:
+    """A trajectory record from one played KG question: correct is AgentBench's exact match, reward its F1."""
+    from cmat_pipeline.data.records import make_record
+    from cmat_pipeline.envs.kg import question_kind
+
+    return make_record(
+        domain="kg", source=entry["source"], teacher=teacher, task_type="kg", task=entry, question=entry["question"],
+        messages=result["messages"], outcome=result["outcome"], correct=result["em"], reward=result["f1"],
+        meta={"task_id": entry["id"], "rounds": result["rounds"], "turn_actions": [t["action"] for t in result["turns"]],
+              "kind": question_kind(entry.get("actions", ())), "prediction": result["prediction"]},
+    )
 
 
 def shard_report(params: Params, pool: list[dict[str, Any]], paths: dict[str, Path], teacher: str, *,

@@ -209,6 +209,10 @@ class CollectConfig:
     pooled for the OS environment), e.g. ../shared/agentbench/os_interaction/training.json."""
     play_os: bool = False
     """Also play the pool's OS tasks, each in a sandbox (`os` section); `oracle` plays their example solutions."""
+    kg_tasks: int = 0
+    """KG questions generated over the embedded graph (`kg` section, kg.endpoint '') added to the pool and played,
+    at most the number the graph has (0 = none); never the questions `evaluate-kg` asks. `oracle` plays each
+    question's gold action program."""
     import_conversations: list[str] = field(default_factory=list)
     """ShareGPT / AgentInstruct / OpenAI-messages conversation files (json, jsonl, parquet) imported as trajectories."""
     out_dir: str = "artifacts/data/raw"
@@ -218,6 +222,7 @@ class CollectConfig:
         _check(bool(re.fullmatch(r"[\w.:+-]+", self.shard)), "collect.shard",
                f"{self.shard!r} must be a file-name-safe key such as 2026-11-16 or manual__2026-11-16T10:00")
         _check(self.db_tasks >= 0, "collect.db_tasks", "must be >= 0")
+        _check(self.kg_tasks >= 0, "collect.kg_tasks", "must be >= 0 (0 = no KG questions)")
         from cmat_pipeline.data.dbgen import DOMAINS  # lazily: the generator is not needed to read params
 
         unknown = [d for d in self.domains if d not in DOMAINS]
@@ -739,6 +744,15 @@ class KGConfig:
     """Assistant turns per question (AgentBench's KG round limit)."""
     timeout_s: float = 30.0
     """Per SPARQL request."""
+    policy: Literal["model", "oracle", "openai"] = "model"
+    """Who plays in `evaluate-kg`: `model` (model.dir + kg.adapter), `oracle` (each question's recorded `actions`:
+    the generated questions have them), `openai`."""
+    adapter: str = ""
+    """PEFT adapter on top of model.dir for the `model` policy (e.g. artifacts/cmat); '' = the base model."""
+    limit: int = 0
+    """Evaluate only the first N questions (0 = all)."""
+    out_dir: str = "artifacts/eval_kg"
+    """Where `evaluate-kg` writes metrics.json, trajectories.jsonl and report.md."""
 
     def __post_init__(self) -> None:
         _check(self.endpoint == "" or self.endpoint.startswith(("http://", "https://")), "kg.endpoint",
@@ -746,6 +760,7 @@ class KGConfig:
         _check(bool(self.namespace.strip()), "kg.namespace", "must not be empty")
         _check(self.max_rounds >= 1, "kg.max_rounds", "must be >= 1")
         _check(self.timeout_s > 0, "kg.timeout_s", "must be > 0")
+        _check(self.limit >= 0, "kg.limit", "must be >= 0 (0 = all questions)")
 
 
 @dataclass

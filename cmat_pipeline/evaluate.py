@@ -14,28 +14,27 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from cmat_pipeline.config import Params, load_params, save_resolved
-from cmat_pipeline.envs.dbbench import DBEpisode, DBTask, Outcome, compute_metrics, load_tasks
+from cmat_pipeline.config import Params
+from cmat_pipeline.envs.dbbench import DBEpisode, DBTask, compute_metrics, load_tasks
 from cmat_pipeline.envs.sql_backends import SQLBackend, make_backend
-from cmat_pipeline.runtime.policy import HFPolicy, OpenAIPolicy, Policy, Timed
+from cmat_pipeline.runtime.evaluation import section_policy, write_eval_outputs
+from cmat_pipeline.runtime.policy import Policy, Timed
 from cmat_pipeline.runtime.rollout import run_episodes
 
 
 def build_policy(params: Params, tasks: Sequence[DBTask]) -> Policy:
     """The policy `evaluate.policy` names."""
-    kind = params.evaluate.policy
-    if kind == "oracle":
+    def oracle() -> Policy:
         from cmat_pipeline.envs.dbbench_oracle import GoldSQLPolicy
 
         return GoldSQLPolicy(tasks)
-    if kind == "openai":
-        return OpenAIPolicy(params.openai, params.generation)
-    if kind == "smoa":
+
+    def smoa() -> Policy:
         from cmat_pipeline.runtime.smoa import build_smoa_policy
 
         return build_smoa_policy(params, tasks)
-    return HFPolicy(params.model.dir, params.generation, adapter=params.evaluate.adapter,
-                    device=params.model.device, dtype=params.model.dtype)
+
+    return section_policy(params, params.evaluate.policy, params.evaluate.adapter, oracle=oracle, smoa=smoa)
 
 
 def play(tasks: Sequence[DBTask], policy: Policy, backend: SQLBackend, max_rounds: int, concurrency: int,
@@ -98,14 +97,8 @@ def evaluate(params: Params, policy: Policy | None = None, progress: bool = True
 
 
 def write_outputs(out: Path, params: Params, metrics: dict[str, Any], results: list[dict[str, Any]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with (out / "trajectories.jsonl").open("w") as f:
-        for row in results:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    save_resolved(params, out)
+    write_eval_outputs(out, params, metrics, results, render_report(metrics, results))
     plot_report(metrics, out / "report.png")
-    (out / "report.md").write_text(render_report(metrics, results))
 
 
 def render_report(metrics: dict[str, Any], results: list[dict[str, Any]]) -> str:

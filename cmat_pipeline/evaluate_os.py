@@ -15,23 +15,18 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from cmat_pipeline.config import OSConfig, Params, save_resolved
+from cmat_pipeline.config import OSConfig, Params
 from cmat_pipeline.envs.os_interaction import (ExampleOraclePolicy, OSEpisode, OSTask, compute_os_metrics,
                                                load_os_tasks, unsupported_result)
 from cmat_pipeline.envs.sandbox import make_sandbox
-from cmat_pipeline.runtime.policy import HFPolicy, OpenAIPolicy, Policy, Timed
+from cmat_pipeline.runtime.evaluation import section_policy, write_eval_outputs
+from cmat_pipeline.runtime.policy import Policy, Timed
 from cmat_pipeline.runtime.rollout import run_episodes
 
 
 def build_os_policy(params: Params, tasks: Sequence[OSTask]) -> Policy:
     """The policy `os.policy` names."""
-    kind = params.os.policy
-    if kind == "oracle":
-        return ExampleOraclePolicy(tasks)
-    if kind == "openai":
-        return OpenAIPolicy(params.openai, params.generation)
-    return HFPolicy(params.model.dir, params.generation, adapter=params.os.adapter, device=params.model.device,
-                    dtype=params.model.dtype)
+    return section_policy(params, params.os.policy, params.os.adapter, oracle=lambda: ExampleOraclePolicy(tasks))
 
 
 def start_episode(task: OSTask, cfg: OSConfig, policy: Any = None, episode_cls: type = OSEpisode,
@@ -76,13 +71,7 @@ def evaluate_os(params: Params, policy: Policy | None = None, progress: bool = T
     metrics = compute_os_metrics(results)
     metrics.update(policy=timed.name, driver=cfg.driver, task_file=str(cfg.tasks), wall_seconds=round(wall, 2),
                    **timed.stats())
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with (out / "trajectories.jsonl").open("w") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in results)
-    (out / "report.md").write_text(render_os_report(metrics, results))
-    save_resolved(params, out)
+    write_eval_outputs(Path(cfg.out_dir), params, metrics, results, render_os_report(metrics, results))
     return metrics
 
 

@@ -5,6 +5,7 @@ through a real SPARQL HTTP endpoint on loopback, the episode loop and the oracle
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -150,3 +151,180 @@ def test_scores_task_files_and_errors(tmp_path):
     assert task.answers == {"m.0cit10"} and task.entities == {"Castavia": CASTAVIA}
     with pytest.raises(KGError, match="127.0.0.1:9"):
         HTTPSPARQLClient("http://127.0.0.1:9/sparql", 2).select("SELECT * WHERE { ?s ?p ?o }")
+
+
+# ------------------------------------------------------------------------------------- evaluate-kg
+
+
+def _params(tmp_path, **kg):
+    from cmat_pipeline.config import Params
+
+    params = Params()
+    params.kg = KGConfig(out_dir=str(tmp_path / "eval_kg"), **kg)
+    return params
+
+
+def test_evaluate_kg_oracle_scores_100_on_the_embedded_questions(tmp_path):
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    metrics = evaluate_kg(_params(tmp_path, policy="oracle"), progress=False)
+    out = tmp_path / "eval_kg"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["f1"] == metrics["em"] == metrics["executability"] == 100.0 and metrics["tasks"] == 7
+    assert metrics["endpoint"] == "embedded" and metrics["policy"] == "oracle:kg-actions"
+    rows = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [sorted(t.answers) for t in generated_tasks()]
+    assert "**F1: 100.0**" in (out / "report.md").read_text()
+    assert "policy: oracle" in (out / "resolved_params.yaml").read_text()
+
+
+def test_evaluate_kg_on_a_task_file_and_an_endpoint(tmp_path, endpoint):
+    from cmat_pipeline.envs.kg import task_entry
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    path = tmp_path / "kg.json"
+    entries = [task_entry(t) for t in generated_tasks()[:3]]
+    entries[1]["answer"].append({"answer_argument": "m.0fil99"})  # a gold answer the program cannot reach
+    path.write_text(json.dumps(entries))
+    metrics = evaluate_kg(_params(tmp_path, policy="oracle", endpoint=endpoint, tasks=str(path)), progress=False)
+    films = generated_tasks()[1].answers
+    f1_partial = f1_em(sorted(films), films | {"m.0fil99"})[0]
+    assert metrics["task_file"] == str(path) and metrics["endpoint"] == endpoint and metrics["tasks"] == 3
+    assert metrics["em"] == round(100 * 2 / 3, 2) and metrics["f1"] == round(100 * (2 + f1_partial) / 3, 2)
+
+
+def test_evaluate_kg_bad_task_files_name_the_file_and_row(tmp_path):
+    from cmat_pipeline.errors import DataError
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    path = tmp_path / "kg.json"
+    good = {"question": "q", "entities": {"Castavia": CASTAVIA}, "answer": [{"answer_argument": "m.0cit10"}]}
+    path.write_text(json.dumps([good, {"question": "r", "entities": {}, "answer": [{"entity_name": "x"}]}]))
+    with pytest.raises(DataError, match=rf"{path}:item 1: every `answer` item needs an `answer_argument`"):
+        evaluate_kg(_params(tmp_path, policy="oracle", tasks=str(path)), progress=False)
+    path.write_text(json.dumps([good]))  # well formed, but AgentBench's files carry no actions to replay
+    with pytest.raises(DataError, match=rf"{path}:item 0: no `actions` to play for the oracle"):
+        evaluate_kg(_params(tmp_path, policy="oracle", tasks=str(path)), progress=False)
+    assert not (tmp_path / "eval_kg").exists()
+
+
+def test_evaluate_kg_with_a_local_model(tmp_path, tiny_model_dir):
+    from cmat_pipeline.config import GenerationConfig, ModelConfig
+    from cmat_pipeline.evaluate_kg import evaluate_kg
+
+    params = _params(tmp_path, policy="model", limit=2, max_rounds=2)
+    params.model = ModelConfig(dir=str(tiny_model_dir), device="cpu")
+    params.generation = GenerationConfig(max_new_tokens=8, batch_size=2, max_context_tokens=4096)
+    metrics = evaluate_kg(params, progress=False)
+    assert metrics["policy"].startswith("hf:") and metrics["tasks"] == 2 and metrics["generate_calls"] >= 1
+    assert sum(metrics["outcomes"].values()) == 2 and 0 <= metrics["f1"] <= 100
+
+
+def test_training_questions_never_ask_what_evaluation_asks():
+    from cmat_pipeline.envs.kg import question_kind, task_entry, task_from_entry, training_tasks
+
+    evaluation, training = generated_tasks(), training_tasks()
+    asked = {e for t in evaluation for e in t.entities.values() if e != WRITER}
+    assert len(training) == 53 and not asked & {e for t in training for e in t.entities.values()}
+    assert all(t.answers for t in training) and len({t.question for t in training}) == len(training)
+    assert {question_kind(t.actions) for t in training[:7]} == {"one-hop", "multi-hop", "count", "superlative",
+                                                                "intersection"}
+    assert task_from_entry(task_entry(training[5]), 5, "x") == training[5]
+    results = play_kg(training, KGOraclePolicy(training), make_client(KGConfig()))
+    assert compute_kg_metrics(results)["em"] == 100.0
+    assert results[0]["turns"][0]["response"].startswith("Thought: I need to find the relations connected to")
+
+
+# ------------------------------------------------------------------------------------- collect.kg_tasks
+
+
+def _collect_params(tmp_path, **collect):
+    from cmat_pipeline.config import Params, build
+
+    return build(Params, {"collect": {"out_dir": str(tmp_path / "raw"), **collect}})
+
+
+@pytest.fixture(scope="module")
+def kg_records(tmp_path_factory):
+    """A shard of 9 KG questions played by the oracle (no DB tasks), and its report."""
+    from cmat_pipeline.collect import collect
+    from cmat_pipeline.data.records import read_jsonl
+
+    tmp_path = tmp_path_factory.mktemp("collect_kg")
+    params = _collect_params(tmp_path, db_tasks=0, kg_tasks=9)
+    report = collect(params, progress=False)
+    return params, report, read_jsonl(tmp_path / "raw" / "trajectories" / "dev.jsonl")
+
+
+def test_collect_plays_kg_questions_with_the_oracle(kg_records):
+    from cmat_pipeline.collect import collect
+    from cmat_pipeline.envs.kg import question_kind, training_tasks
+
+    params, report, rows = kg_records
+    assert report["pool_tasks"] == {"kg": 9} and report["played_domains"] == ["db", "kg"]
+    assert report["trajectories"] == report["correct"] == 9 and report["pooled_not_played"] == {}
+    assert {(r["domain"], r["task_type"], r["source"], r["reward"]) for r in rows} == {("kg", "kg", "synth-kg", 1.0)}
+    assert sorted(r["question"] for r in rows) == sorted(t.question for t in training_tasks()[:9])  # finish order
+    assert not {r["question"] for r in rows} & {t.question for t in generated_tasks()}  # nothing evaluate-kg asks
+    assert {r["meta"]["kind"] for r in rows} == {question_kind(t.actions) for t in training_tasks()[:9]}
+    directed = next(r for r in rows if r["question"] == "who directed The Quiet Harbor?")
+    assert directed["meta"]["turn_actions"] == ["tool", "tool", "answer"] and directed["meta"]["prediction"] == ["m.0per01"]
+    assert directed["messages"][-1] == {"role": "assistant",
+                                        "content": "Thought: #0 is the final answer to the question.\nFinal Answer: #0"}
+    again = collect(params, progress=False)  # resumable: nothing is played twice
+    assert again["resumed_from"] == 9 and again["trajectories"] == 9
+
+
+def test_kg_records_pass_every_expectation_but_the_domain_set(kg_records):
+    from cmat_pipeline.data.expectations import SuiteSpec, validate_frame
+    from cmat_pipeline.data.records import DOMAINS, flatten
+
+    frame = flatten(kg_records[2])
+    with_kg = (*DOMAINS, "kg")
+    for spec in (SuiteSpec("raw", min_chars=0, max_chars=10**9, domains=with_kg),
+                 SuiteSpec("filtered", max_chars=12000, require_correct=True, domains=with_kg)):
+        result = validate_frame(frame, spec)
+        assert result.success, [f.describe() for f in result.failures]
+
+
+@pytest.mark.xfail(strict=True, reason="data/records.py DOMAINS has no 'kg': the filter quarantines every KG record "
+                                       "(fix: add 'kg' to DOMAINS, a KG action checker to ACTION_CHECKERS)")
+def test_kg_records_pass_the_default_raw_suite(kg_records):
+    from cmat_pipeline.data.expectations import SuiteSpec, validate_frame
+    from cmat_pipeline.data.records import flatten
+
+    result = validate_frame(flatten(kg_records[2]), SuiteSpec("raw", min_chars=0, max_chars=10**9))
+    assert result.success, [f.describe() for f in result.failures]
+
+
+@pytest.mark.parametrize("collect, kg, fragment", [
+    ({"kg_tasks": 54}, {}, "collect.kg_tasks: 54 asked, the embedded graph has 53 training questions"),
+    ({"kg_tasks": 1}, {"endpoint": "http://127.0.0.1:9/sparql"}, "collect.kg_tasks: the generated questions are about"),
+])
+def test_collect_kg_tasks_errors_name_the_key(tmp_path, collect, kg, fragment):
+    from cmat_pipeline.collect import collect as run_collect
+    from cmat_pipeline.config import KGConfig
+    from cmat_pipeline.errors import ConfigError
+
+    params = _collect_params(tmp_path, db_tasks=0, **collect)
+    params.kg = KGConfig(**kg)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        run_collect(params, progress=False)
+
+
+def test_default_collect_is_byte_identical_to_before_kg_collection(tmp_path):
+    """collect.kg_tasks 0 (the default) leaves collect as it was: the digest of a 24-task shard (pool, trajectories,
+    quarantine, manifest, report without wall time) computed at 706f9c3, before KG collection existed. If the DB
+    generator or oracle change on purpose, recompute it."""
+    import hashlib
+
+    from cmat_pipeline.collect import collect
+
+    report = collect(_collect_params(tmp_path, db_tasks=24), progress=False)
+    report.pop("wall_seconds")
+    digest = hashlib.sha256()
+    for name in ("tasks/dev.jsonl", "trajectories/dev.jsonl", "quarantine/dev.jsonl", "trajectories/dev.manifest.json"):
+        digest.update((tmp_path / "raw" / name).read_bytes())
+    digest.update(json.dumps(report, sort_keys=True).encode())
+    assert report["played_domains"] == ["db"] and "kg" not in report["pool_tasks"]
+    assert digest.hexdigest() == "cd304217383625e61d5c598ea49a4890b55e89e45f7e9f3405eb741637ea9b91"

@@ -8,9 +8,10 @@ Variables are programs (AgentBench's s-expressions), compiled to SPARQL only whe
 code runs on AgentBench's Freebase endpoint (Virtuoso) and on the embedded pyoxigraph store.
 
     client = make_client(params.kg)                  # kg.endpoint '' -> the generated demo graph in pyoxigraph
-    tasks = generated_tasks()                        # or load_kg_tasks(params.kg.tasks)
+    tasks = generated_tasks()                        # or load_kg_tasks(params.kg.tasks); training_tasks() for collect
     episode = KGEpisode(tasks[0], KGSession(client, params.kg.namespace))
     python -m cmat_pipeline.envs.kg                  # demo: the oracle on the generated questions
+    cmat evaluate-kg                                 # the stage (evaluate_kg.py); collect.kg_tasks collects
 
 Schema conventions are Freebase's: entities and relations are local names under `kg.namespace`, a
 relation's range is its `type.property.expected_type`, names are `type.object.name`.
@@ -452,12 +453,56 @@ def compute_kg_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
             "outcomes": {o.value: sum(r["outcome"] == o.value for r in results) for o in Outcome}}
 
 
+def oracle_thought(action: str) -> str:
+    """A ReAct thought in the style of AgentBench's one-shot example for one recorded action."""
+    name, _, rest = action.partition("(")
+    args = [a.strip() for a in rest.rstrip(")").split(",")]
+    if name == "get_relations":
+        return (f"I need to find the relations connected to {args[0]}, to see which of them can help me find "
+                "the answer.")
+    if name == "get_neighbors":
+        return f"From the above relations, I might use {args[1]} to find the entities it connects to {args[0]}."
+    if name == "intersection":
+        return (f"The answer must satisfy both conditions, so it is the intersection of variable {args[0]} and "
+                f"variable {args[1]}.")
+    if name == "get_attributes":
+        return f"The question asks for a superlative, so I need the numerical attributes of variable {args[0]}."
+    if name in ("argmax", "argmin"):
+        extreme = "largest" if name == "argmax" else "smallest"
+        return f"The answer is the entity of variable {args[0]} with the {extreme} {args[1]}."
+    if name == "count":
+        return f"The question asks how many, so I count the entities of variable {args[0]}."
+    return "I take the next step."
+
+
+def require_actions(tasks: Sequence[KGTask], where: str) -> None:
+    """The oracle plays recorded action programs: every question must have one."""
+    missing = [t.index for t in tasks if not t.actions]
+    if missing:
+        raise DataError(f"{where}:item {missing[0]}: no `actions` to play for the oracle (the generated questions "
+                        f"have them; {len(missing)} of {len(tasks)} questions lack them)")
+
+
+def question_kind(actions: Sequence[str]) -> str:
+    """The shape of an action program: count, superlative, intersection, multi-hop or one-hop."""
+    tools = [a.split("(")[0].strip() for a in actions]
+    if "count" in tools:
+        return "count"
+    if "argmax" in tools or "argmin" in tools:
+        return "superlative"
+    if "intersection" in tools:
+        return "intersection"
+    return "multi-hop" if tools.count("get_neighbors") > 1 else "one-hop"
+
+
 class KGOraclePolicy:
-    """Plays each question's recorded action sequence, then answers with the last variable."""
+    """Plays each question's recorded action sequence, a thought before each action, then answers with the
+    last variable."""
 
     name = "oracle:kg-actions"
 
-    def __init__(self, tasks: Sequence[KGTask]):
+    def __init__(self, tasks: Sequence[KGTask], where: str = "kg tasks"):
+        require_actions(tasks, where)
         self.by_prompt = {t.prompt: t for t in tasks}
 
     def turn(self, conversation: Conversation) -> str:
@@ -465,9 +510,10 @@ class KGOraclePolicy:
         task = self.by_prompt[conversation[start]["content"]]
         done = (len(conversation) - start - 1) // 2
         if done < len(task.actions):
-            return f"Thought: Next step of the plan.\nAction: {task.actions[done]}"
+            return f"Thought: {oracle_thought(task.actions[done])}\nAction: {task.actions[done]}"
         variables = sum(1 for m in conversation[start + 1:] if m["role"] == "user" and "variable #" in m["content"])
-        return f"Thought: The last variable is the answer.\nFinal Answer: #{variables - 1}"
+        return (f"Thought: #{variables - 1} is the final answer to the question.\n"
+                f"Final Answer: #{variables - 1}")
 
     def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
         return [PolicyOutput(self.turn(c)) for c in conversations]
@@ -571,51 +617,121 @@ def demo_store(graph: DemoGraph | None = None, ns: str = FREEBASE) -> Any:
     return store
 
 
-def generated_tasks(graph: DemoGraph | None = None) -> list[KGTask]:
-    """Questions over the demo graph with gold answers computed from the Python data (not from SPARQL) and the
-    action sequence that answers each one."""
-    g = graph or demo_graph()
-    out = lambda s, r: sorted(o for s2, r2, o in g.edges if s2 == s and r2 == r)  # noqa: E731
-    value = {(s, a): v for s, a, v in g.numbers}
-    by_name = {n: e for e, n in g.names.items()}
-    people = [e for e, t in sorted(g.types.items()) if t == "people.person"]
-    cities = [e for e, t in sorted(g.types.items()) if t == "location.citytown"]
-    writers = set(out(by_name["Writer"], "people.profession.people_with_this_profession"))
-    # The busiest actor and the city with the most writers, so that every answer is non-trivial.
-    person = max(people, key=lambda p: len(out(p, "film.actor.film")))
-    city = max(cities, key=lambda c: len(set(out(c, "location.location.people_born_here")) & writers))
-    film, country = by_name["Glass Orchard"], by_name["Castavia"]
-    director = out(film, "film.film.directed_by")[0]
-    actor_films = out(person, "film.actor.film")
-    born_writers = sorted(set(out(city, "location.location.people_born_here")) & writers)
-    country_cities = out(country, "location.location.contains")
-    spec = [
-        (f"who directed {g.names[film]}?", [g.names[film]], [director],
-         [f"get_relations({g.names[film]})", f"get_neighbors({g.names[film]}, film.film.directed_by)"]),
-        (f"which films did {g.names[person]} act in?", [g.names[person]], actor_films,
-         [f"get_relations({g.names[person]})", f"get_neighbors({g.names[person]}, film.actor.film)"]),
-        (f"how many films did {g.names[person]} act in?", [g.names[person]], [str(len(actor_films))],
-         [f"get_relations({g.names[person]})", f"get_neighbors({g.names[person]}, film.actor.film)", "count(#0)"]),
-        (f"which writers were born in {g.names[city]}?", [g.names[city], "Writer"], born_writers,
-         [f"get_relations({g.names[city]})", f"get_neighbors({g.names[city]}, location.location.people_born_here)",
-          "get_relations(Writer)", "get_neighbors(Writer, people.profession.people_with_this_profession)",
-          "intersection(#0, #1)"]),
-        (f"what is the most populous city of {g.names[country]}?", [g.names[country]],
-         [max(country_cities, key=lambda c: value[(c, "location.location.population")])],
-         [f"get_relations({g.names[country]})", f"get_neighbors({g.names[country]}, location.location.contains)",
-          "get_attributes(#0)", "argmax(#0, location.location.population)"]),
-        (f"what is the earliest film {g.names[person]} starred in?", [g.names[person]],
-         [min(actor_films, key=lambda f: value[(f, "film.film.release_year")])],
-         [f"get_relations({g.names[person]})", f"get_neighbors({g.names[person]}, film.actor.film)",
-          "get_attributes(#0)", "argmin(#0, film.film.release_year)"]),
-        (f"in which country was the director of {g.names[film]} born?", [g.names[film]],
-         out(out(director, "people.person.place_of_birth")[0], "location.location.containedby"),
-         [f"get_relations({g.names[film]})", f"get_neighbors({g.names[film]}, film.film.directed_by)",
-          "get_relations(#0)", "get_neighbors(#0, people.person.place_of_birth)", "get_relations(#1)",
+Spec = tuple[str, list[str], list[str], list[str]]  # question, entity names, gold answers, actions
+
+
+class _Facts:
+    """Lookups over a demo graph's Python data: gold answers never come from SPARQL."""
+
+    def __init__(self, graph: DemoGraph):
+        self.g = graph
+        self.value = {(s, a): v for s, a, v in graph.numbers}
+        self.by_name = {n: e for e, n in graph.names.items()}
+        self.writers = set(self.out(self.by_name["Writer"], "people.profession.people_with_this_profession"))
+
+    def out(self, subject: str, relation: str) -> list[str]:
+        return sorted(o for s, r, o in self.g.edges if s == subject and r == relation)
+
+    def of_type(self, kind: str) -> list[str]:
+        return [e for e, t in sorted(self.g.types.items()) if t == kind]
+
+
+def _film_questions(f: _Facts, film: str) -> list[Spec]:
+    """Who directed the film; in which country its director was born."""
+    name = f.g.names[film]
+    director = f.out(film, "film.film.directed_by")[0]
+    born = f.out(director, "people.person.place_of_birth")[0]
+    return [
+        (f"who directed {name}?", [name], [director],
+         [f"get_relations({name})", f"get_neighbors({name}, film.film.directed_by)"]),
+        (f"in which country was the director of {name} born?", [name], f.out(born, "location.location.containedby"),
+         [f"get_relations({name})", f"get_neighbors({name}, film.film.directed_by)", "get_relations(#0)",
+          "get_neighbors(#0, people.person.place_of_birth)", "get_relations(#1)",
           "get_neighbors(#1, location.location.containedby)"]),
     ]
-    return [KGTask(i, q, {name: by_name[name] for name in names}, frozenset(gold), tuple(actions))
+
+
+def _person_questions(f: _Facts, person: str) -> list[Spec]:
+    """The films the person acted in, how many, and the earliest of them."""
+    name = f.g.names[person]
+    films = f.out(person, "film.actor.film")
+    hop = [f"get_relations({name})", f"get_neighbors({name}, film.actor.film)"]
+    return [
+        (f"which films did {name} act in?", [name], films, hop),
+        (f"how many films did {name} act in?", [name], [str(len(films))], [*hop, "count(#0)"]),
+        (f"what is the earliest film {name} starred in?", [name],
+         [min(films, key=lambda film: f.value[(film, "film.film.release_year")])],
+         [*hop, "get_attributes(#0)", "argmin(#0, film.film.release_year)"]),
+    ]
+
+
+def _city_questions(f: _Facts, city: str) -> list[Spec]:
+    """The writers born in the city."""
+    name = f.g.names[city]
+    return [(f"which writers were born in {name}?", [name, "Writer"],
+             sorted(set(f.out(city, "location.location.people_born_here")) & f.writers),
+             [f"get_relations({name})", f"get_neighbors({name}, location.location.people_born_here)",
+              "get_relations(Writer)", "get_neighbors(Writer, people.profession.people_with_this_profession)",
+              "intersection(#0, #1)"])]
+
+
+def _country_questions(f: _Facts, country: str) -> list[Spec]:
+    """The most populous city of the country."""
+    name = f.g.names[country]
+    cities = f.out(country, "location.location.contains")
+    return [(f"what is the most populous city of {name}?", [name],
+             [max(cities, key=lambda c: f.value[(c, "location.location.population")])],
+             [f"get_relations({name})", f"get_neighbors({name}, location.location.contains)", "get_attributes(#0)",
+              "argmax(#0, location.location.population)"])]
+
+
+def _evaluation_entities(f: _Facts) -> dict[str, str]:
+    """The film, person, city and country `generated_tasks` asks about: the busiest actor and the city with
+    the most writers, so that every answer is non-trivial."""
+    person = max(f.of_type("people.person"), key=lambda p: len(f.out(p, "film.actor.film")))
+    city = max(f.of_type("location.citytown"),
+               key=lambda c: len(set(f.out(c, "location.location.people_born_here")) & f.writers))
+    return {"film": f.by_name["Glass Orchard"], "person": person, "city": city, "country": f.by_name["Castavia"]}
+
+
+def _tasks(f: _Facts, spec: Sequence[Spec]) -> list[KGTask]:
+    return [KGTask(i, q, {name: f.by_name[name] for name in names}, frozenset(gold), tuple(actions))
             for i, (q, names, gold, actions) in enumerate(spec)]
+
+
+def generated_tasks(graph: DemoGraph | None = None) -> list[KGTask]:
+    """The 7 evaluation questions over the demo graph (`evaluate-kg`'s default), with gold answers computed from
+    the Python data (not from SPARQL) and the action sequence that answers each one."""
+    f = _Facts(graph or demo_graph())
+    e = _evaluation_entities(f)
+    film, person = _film_questions(f, e["film"]), _person_questions(f, e["person"])
+    spec = [film[0], person[0], person[1], _city_questions(f, e["city"])[0], _country_questions(f, e["country"])[0],
+            person[2], film[1]]
+    return _tasks(f, spec)
+
+
+def training_tasks(graph: DemoGraph | None = None) -> list[KGTask]:
+    """Every other instance of the evaluation templates over the demo graph (never an entity `generated_tasks`
+    asks about, never an empty answer), interleaved so that any prefix mixes the question kinds: training
+    data for `collect.kg_tasks`."""
+    f = _Facts(graph or demo_graph())
+    e = _evaluation_entities(f)
+    groups: list[list[Spec]] = []  # one list per template
+    for kind, type_, make in (("film", "film.film", _film_questions), ("person", "people.person", _person_questions),
+                              ("city", "location.citytown", _city_questions),
+                              ("country", "location.country", _country_questions)):
+        entities = [x for x in f.of_type(type_) if x != e[kind] and (kind != "person" or f.out(x, "film.actor.film"))]
+        per_entity = [make(f, x) for x in entities]
+        groups.extend(list(template) for template in zip(*per_entity))
+    asked = {t.question for t in generated_tasks(f.g)}
+    spec = [s for row in itertools.zip_longest(*groups) for s in row if s and s[2] and s[0] not in asked]
+    return _tasks(f, spec)
+
+
+def task_entry(task: KGTask) -> dict[str, Any]:
+    """The question in AgentBench's KG task-file format (plus its `actions`); `task_from_entry` reads it back."""
+    return {"question": task.question, "entities": dict(task.entities),
+            "answer": [{"answer_argument": a} for a in sorted(task.answers)], "actions": list(task.actions)}
 
 
 def make_client(cfg: Any) -> SPARQLClient:
@@ -626,11 +742,13 @@ def make_client(cfg: Any) -> SPARQLClient:
 
 
 def play_kg(tasks: Sequence[KGTask], policy: Any, client: SPARQLClient, namespace: str = FREEBASE,
-            max_rounds: int = 15, concurrency: int = 8) -> list[dict[str, Any]]:
+            max_rounds: int = 15, concurrency: int = 8,
+            on_result: Any = lambda result: None) -> list[dict[str, Any]]:
+    """Every question to its end, `concurrency` episodes per generate call, in task order."""
     from cmat_pipeline.runtime.rollout import run_episodes
 
     return run_episodes((lambda t=t: KGEpisode(t, KGSession(client, namespace), max_rounds) for t in tasks),
-                        policy, concurrency)
+                        policy, concurrency, on_result=on_result)
 
 
 if __name__ == "__main__":  # demo: the oracle answers the generated questions on the embedded graph
