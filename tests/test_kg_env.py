@@ -287,14 +287,18 @@ def test_kg_records_pass_every_expectation_but_the_domain_set(kg_records):
         assert result.success, [f.describe() for f in result.failures]
 
 
-@pytest.mark.xfail(strict=True, reason="data/records.py DOMAINS has no 'kg': the filter quarantines every KG record "
-                                       "(fix: add 'kg' to DOMAINS, a KG action checker to ACTION_CHECKERS)")
-def test_kg_records_pass_the_default_raw_suite(kg_records):
+def test_kg_records_pass_the_default_raw_suite_and_a_broken_turn_does_not(kg_records):
+    import copy
+
     from cmat_pipeline.data.expectations import SuiteSpec, validate_frame
-    from cmat_pipeline.data.records import flatten
+    from cmat_pipeline.data.records import action_problem, flatten
 
     result = validate_frame(flatten(kg_records[2]), SuiteSpec("raw", min_chars=0, max_chars=10**9))
     assert result.success, [f.describe() for f in result.failures]
+    broken = copy.deepcopy(kg_records[2][0])
+    last = max(i for i, m in enumerate(broken["messages"]) if m["role"] == "assistant")
+    broken["messages"][last]["content"] = "I think the answer is obvious."
+    assert action_problem(broken) == f"message {last}: assistant turn does not parse as an AgentBench KG action (invalid)"
 
 
 @pytest.mark.parametrize("collect, kg, fragment", [

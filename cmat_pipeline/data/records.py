@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from cmat_pipeline.errors import DataError
 
-DOMAINS = ("db", "os", "general")
+DOMAINS = ("db", "os", "kg", "general")
 ROLES = ("system", "user", "assistant")
 RECORD_FIELDS = ("id", "domain", "source", "teacher", "task_type", "task", "question", "messages",
                  "outcome", "correct", "reward", "meta")
@@ -152,32 +152,37 @@ def role_problem(messages: Any) -> str | None:
     return None
 
 
-def _db_action_problem(messages: list[dict[str, str]]) -> str | None:
+def _parse_problem(messages: list[dict[str, str]], kind_of: Any, valid: tuple[str, ...], name: str) -> str | None:
     from cmat_pipeline.chat_format import fixed_protocol_turns
+
+    for i in range(fixed_protocol_turns(messages), len(messages)):  # protocol turns ("Ok.", one-shot) are not actions
+        if messages[i]["role"] == "assistant":
+            kind = kind_of(messages[i]["content"])
+            if kind not in valid:
+                return f"message {i}: assistant turn does not parse as an AgentBench {name} action ({kind})"
+    return None
+
+
+def _db_action_problem(messages: list[dict[str, str]]) -> str | None:
     from cmat_pipeline.envs.dbbench import parse_action
 
-    for i in range(fixed_protocol_turns(messages), len(messages)):  # the protocol's fixed "Ok." is not an action
-        if messages[i]["role"] == "assistant":
-            kind = parse_action(messages[i]["content"]).kind
-            if kind not in ("operation", "answer"):
-                return f"message {i}: assistant turn does not parse as an AgentBench DB action ({kind})"
-    return None
+    return _parse_problem(messages, lambda text: parse_action(text).kind, ("operation", "answer"), "DB")
 
 
 def _os_action_problem(messages: list[dict[str, str]]) -> str | None:
-    from cmat_pipeline.chat_format import fixed_protocol_turns
     from cmat_pipeline.envs.os_interaction import parse_action
 
-    for i in range(fixed_protocol_turns(messages), len(messages)):  # the one-shot example is protocol
-        if messages[i]["role"] == "assistant":
-            kind = parse_action(messages[i]["content"]).kind
-            if kind not in ("bash", "answer", "finish"):
-                return f"message {i}: assistant turn does not parse as an AgentBench OS action ({kind})"
-    return None
+    return _parse_problem(messages, lambda text: parse_action(text).kind, ("bash", "answer", "finish"), "OS")
+
+
+def _kg_action_problem(messages: list[dict[str, str]]) -> str | None:
+    from cmat_pipeline.envs.kg import action_kind
+
+    return _parse_problem(messages, action_kind, ("tool", "answer"), "KG")
 
 
 # Domain -> checker of the assistant turns' action format; domains without one (general chat) pass.
-ACTION_CHECKERS = {"db": _db_action_problem, "os": _os_action_problem}
+ACTION_CHECKERS = {"db": _db_action_problem, "os": _os_action_problem, "kg": _kg_action_problem}
 
 
 def action_problem(record: dict[str, Any]) -> str | None:

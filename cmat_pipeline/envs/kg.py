@@ -96,6 +96,16 @@ FINAL_RE = re.compile(r"(?:Find|Final) Answer: #(\d+)")
 TOOLS = ("get_relations", "get_neighbors", "intersection", "get_attributes", "argmax", "argmin", "count")
 
 
+def action_kind(text: str) -> str:
+    """`answer` (Final Answer: #k), `tool` (an `Action: tool(...)` line naming one of TOOLS) or `invalid`."""
+    if FINAL_RE.search(text):
+        return "answer"
+    for line in text.split("\n"):
+        if re.match(r"Action.*?:", line) and any(name in TOOLS for name in re.findall(r"(\w+)\(", line)):
+            return "tool"
+    return "invalid"
+
+
 class KGError(CmatError):
     """A SPARQL endpoint failed or answered something that is not a SPARQL JSON result."""
 
