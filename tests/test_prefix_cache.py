@@ -16,7 +16,8 @@ SYSTEM = ("You are an agent that answers questions about a MySQL table. Think st
           "SQL statement in a ```sql block or give the final answer after 'Final Answer:'. Never invent columns; "
           "look at the table first when unsure. Keep every reply short and to the point.")
 QUESTIONS = ["How many rows?", "Which player scored the most goals in the 1998 season, and for which club?",
-             "List the names, please.", "What is the average age of the members who joined after 2010 and live in Paris?"]
+             "List the names, please.",
+             "What is the average age of the members who joined after 2010 and live in Paris?"]
 OFF = GenerationConfig(max_new_tokens=10, batch_size=8, max_context_tokens=1024)
 ON = dataclasses.replace(OFF, prefix_cache=True)
 
@@ -83,6 +84,16 @@ def test_prefix_cache_gives_the_same_greedy_turns(policy, conversations):
     assert (policy.prefix_cache.hits, policy.prefix_cache.misses) == (0, 1)
     again = policy.generate(conversations[1:], ON)  # the next call reuses the prefix
     assert texts(again) == texts(off)[1:] and policy.prefix_cache.hits == 1
+
+
+def test_sampled_turns_match_seed_for_seed(policy, conversations):
+    sampled = dataclasses.replace(OFF, temperature=1.0, top_p=0.95, max_new_tokens=16)
+    policy.generate(conversations[:2], dataclasses.replace(sampled, prefix_cache=True))  # cache the prefix first
+    torch.manual_seed(5)
+    off = policy.generate(conversations, sampled)
+    torch.manual_seed(5)
+    on = policy.generate(conversations, dataclasses.replace(sampled, prefix_cache=True))
+    assert texts(on) == texts(off) and policy.prefix_cache.hits == 1
 
 
 def test_one_conversation_only_encodes_its_new_tokens(policy, conversations):
