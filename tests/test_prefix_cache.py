@@ -52,11 +52,12 @@ def conversations():
 
 
 def lora(model, seed: int):
-    """A LoRA on `model` whose B is random (the default init makes it a no-op)."""
+    """A LoRA on `model` as the cmat actor has (a PeftModelForCausalLM) whose B is random (the default init
+    makes it a no-op)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     return get_peft_model(model, config)
 
 
