@@ -67,6 +67,11 @@ class GenerationConfig:
     """Prompt + new tokens must fit here; a longer conversation ends as `context_limit`."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the chat template's end-of-turn token always stops)."""
+    prefix_cache: bool = False
+    """Encode the token prefix every prompt of a `generate` call shares (the AgentBench instructions) once,
+    not once per row, and keep its KV cache for later calls until a weight or the active adapter changes
+    (runtime/policy.py `PrefixCache`). Same greedy outputs; needs a model with full-attention layers only
+    (others fall back to the plain left-padded batch)."""
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")

@@ -2,7 +2,8 @@
 
 - `HFPolicy`: a local transformers model (+ optional PEFT adapter). One `generate` call serves every
   conversation of a turn (left-padded batch), with stop strings, greedy or sampled decoding, and a
-  context guard that reports "context limit" (text None) instead of crashing.
+  context guard that reports "context limit" (text None) instead of crashing. With
+  `generation.prefix_cache` the prompt prefix all rows share is encoded once (`PrefixCache`).
 - `OpenAIPolicy`: any OpenAI-compatible chat-completions endpoint (vLLM, an API) for teachers and
   baselines, with timeouts, retries with backoff, and concurrent requests.
 """
@@ -73,6 +74,92 @@ class StopInCompletion:
         return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
 
 
+PREFIX_MIN_TOKENS = 32
+"""A shared prompt prefix shorter than this is not worth a cache: the batch is plainly left-padded."""
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least its last token (which `generate` must feed)."""
+    limit = min(len(ids) for ids in rows) - 1
+    first = rows[0]
+    for n in range(max(limit, 0)):
+        if any(ids[n] != first[n] for ids in rows[1:]):
+            return n
+    return max(limit, 0)
+
+
+def model_state(model: Any) -> tuple:
+    """What a prefix's KV depends on besides its tokens, cheap to read on every call: each parameter's storage
+    and in-place version counter (an optimizer step, `copy_`, `load_state_dict` or `.to()` changes it), each
+    PEFT layer's active, merged and disabled adapters, and train/eval mode. Blind to writes through
+    `param.data` (they bypass the version counter): call `HFPolicy.reset_prefix_cache()` after those."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    params = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    adapters = tuple((tuple(m.active_adapters), tuple(m.merged_adapters), m.disable_adapters)
+                     for m in model.modules() if isinstance(m, BaseTunerLayer))
+    return id(model), model.training, params, adapters
+
+
+class PrefixCache:
+    """The KV cache of a few prompt prefixes (batch 1), most recently used last, each valid for the model state
+    (`model_state`) it was computed under. A longer prefix extends the longest cached one it starts with, so
+    consecutive turns of one conversation only encode their new tokens."""
+
+    def __init__(self, entries: int = 2):
+        self.size = entries
+        self.entries: list[tuple[tuple, tuple[int, ...], Any]] = []  # (model state, prefix ids, DynamicCache)
+        self.hits = self.misses = 0
+        self.unsupported = False
+        """Set once the model turns out to have sliding-window or linear-attention layers (their cache does not
+        hold the whole prefix, or cannot take padding after it)."""
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def expanded(self, model: Any, prefix: Sequence[int], batch: int) -> Any:
+        """A fresh DynamicCache holding `prefix`'s KV for each of `batch` rows (generate grows it in place, so
+        the stored entry is copied), or None when the model's cache is `unsupported`."""
+        import copy
+
+        import torch
+
+        if self.unsupported:
+            return None
+        with torch.inference_mode():
+            cache = self._lookup(model, tuple(prefix))
+            if any(getattr(cache, "is_sliding", [])) or any(getattr(cache, "is_linear", [])):
+                self.unsupported = True
+                self.clear()
+                return None
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _lookup(self, model: Any, prefix: tuple[int, ...]) -> Any:
+        import copy
+
+        import torch
+
+        state = model_state(model)
+        fits = [e for e in self.entries if e[0] == state and prefix[:len(e[1])] == e[1]]
+        base = max(fits, key=lambda e: len(e[1]), default=None)
+        if base is not None:
+            self.entries.remove(base)
+            self.entries.append(base)  # most recently used
+            if len(base[1]) == len(prefix):
+                self.hits += 1
+                return base[2]
+        self.misses += 1
+        start = len(base[1]) if base else 0
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([prefix[start:]], device=device), use_cache=True, logits_to_keep=1,
+                    past_key_values=copy.deepcopy(base[2]) if base else None)
+        self.entries.append((state, prefix, out.past_key_values))
+        del self.entries[:-self.size]
+        return out.past_key_values
+
+
 class HFPolicy:
     """A local causal LM, batched."""
 
@@ -99,6 +186,7 @@ class HFPolicy:
                                             "(`cmat sft`, `cmat cmat`) or evaluate the base model with --set evaluate.adapter=''")
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(self.device).eval()
+        self.prefix_cache = PrefixCache()
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, gen: GenerationConfig, name: str) -> "HFPolicy":
@@ -106,7 +194,12 @@ class HFPolicy:
         policy = cls.__new__(cls)
         policy.gen, policy.name, policy.model, policy.tokenizer = gen, name, model, tokenizer
         policy.device = str(next(model.parameters()).device)
+        policy.prefix_cache = PrefixCache()
         return policy
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (needed only after writes through `param.data`: see `model_state`)."""
+        self.prefix_cache.clear()
 
     def encode(self, conversation: Conversation) -> list[int]:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
@@ -130,20 +223,31 @@ class HFPolicy:
 
     def generate_ids(self, batch: list[list[int]], gen: GenerationConfig, limits: Sequence[int] | None = None,
                      streamer: Any = None) -> list[PolicyOutput]:
-        """One left-padded `generate` call over tokenized prompts. `limits` caps each row's new tokens below
+        """One left-padded `generate` call over tokenized prompts (with gen.prefix_cache, the prefix all rows share
+        comes from `PrefixCache` and the padding sits after it). `limits` caps each row's new tokens below
         gen.max_new_tokens (the server batches requests with different max_tokens); `streamer` is handed to
         `generate` (it receives every step's tokens for the whole batch)."""
         import torch
 
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        shared = common_prefix_length(batch) if gen.prefix_cache else 0
+        cache = self.prefix_cache.expanded(self.model, batch[0][:shared], len(batch)) \
+            if shared >= PREFIX_MIN_TOKENS else None
+        shared = shared if cache is not None else 0
+        # [shared prefix][padding][own tokens], mask 1/0/1: generate derives positions from the mask's cumsum,
+        # so each row's own tokens sit at the positions they would have unpadded; shared = 0 is left padding.
+        rows = [ids[:shared] + [pad] * (width - len(ids)) + ids[shared:] for ids in batch]
+        masks = [[1] * shared + [0] * (width - len(ids)) + [1] * (len(ids) - shared) for ids in batch]
+        input_ids = torch.tensor(rows, device=self.device)
+        attention = torch.tensor(masks, device=self.device)
         sampling = gen.temperature > 0
         kwargs: dict[str, Any] = dict(
             max_new_tokens=gen.max_new_tokens, do_sample=sampling, pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id, streamer=streamer,
         )
+        if cache is not None:
+            kwargs.update(past_key_values=cache)  # generate feeds only the tokens after it
         if sampling:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
         else:  # silence the model's sampling defaults when greedy
