@@ -497,8 +497,6 @@ def _dvc_repo(tmp_path: Path, env: dict) -> tuple[Path, Path]:
 
 
 def _clean_env(tmp_path: Path) -> dict:
-    if not shutil.which("git"):
-        pytest.skip("git is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "CMAT_"))}
     env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "site-cache"), HOME=str(tmp_path / "home"),
                GIT_CONFIG_NOSYSTEM="1")
