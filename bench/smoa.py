@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=3, help="evaluate every N-th task of evaluate.tasks")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--teacher-tasks", type=int, default=30, help="synthetic tasks collected per teacher (0 = skip)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["single", "sparse", "dense"])
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=["single", "sparse", "dense"],
+                        help="evaluated modes (none: only the teacher part)")
     parser.add_argument("--adapter", default="artifacts/sft", help="used when it holds adapter_config.json")
     parser.add_argument("--out", default="artifacts/bench/smoa")
     parser.add_argument("--budget-min", type=float, default=0, help="start no further run after this many minutes (0 = no limit)")
@@ -148,7 +149,8 @@ def main() -> None:
             if over_budget(f"teacher {mode}"):
                 continue
             params = load_params(args.params, [*common, f"smoa.mode={mode}", f"collect.db_tasks={args.teacher_tasks}",
-                                               f"collect.shard=smoa-{mode}", f"collect.out_dir={args.out}/raw",
+                                               # one shard name: both teachers get the same generated tasks
+                                               "collect.shard=smoa-teacher", f"collect.out_dir={args.out}/raw-{mode}",
                                                "collect.teacher=smoa"])
             teachers.append(teach_mode(params, model))
             print(json.dumps(teachers[-1]), flush=True)
