@@ -93,4 +93,4 @@ def lesson_for(result: dict[str, Any], reflection: str | None) -> tuple[str, str
     if own:
         return own, "self"
     issues = [issue for turn in result["turns"] for issue in turn.get("issues", [])]
-    return template_reflection(issues, result["outcome"]), "template"
+    return template_reflection(issues, result["outcome"], result.get("domain", "db")), "template"
