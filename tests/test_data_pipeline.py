@@ -243,6 +243,36 @@ def test_filter_fails_loudly_on_missing_inputs(tmp_path, db_dev_file):
         filter_stage(params)
 
 
+def _filter_rows(records, eval_files=()):
+    """Run the filter's steps on `records` (no files): (kept ids, {id: [quarantine reasons]})."""
+    from cmat_pipeline.data.boundaries import EvalIndex
+    from cmat_pipeline.filtering import Filter
+
+    flt = Filter(Params().filter, EvalIndex.from_files(list(eval_files)))
+    kept = flt.run([(f"row {i}", r) for i, r in enumerate(records)])
+    reasons = {}
+    for q in flt.quarantined:
+        reasons.setdefault(q["id"], []).append(q["reason"])
+    return [r["id"] for r in kept], reasons
+
+
+def test_filter_keeps_every_kg_training_record_and_still_catches_a_near_copy(tmp_path):
+    """The 53 KG training questions share AgentBench's prompt and one-shot example (18 turns, 9 of them the
+    assistant's): dedupe compares the question and the assistant's own actions only, so none of them is a
+    near-duplicate of another, while a copy with one word more still is."""
+    from cmat_pipeline.collect import collect
+
+    params = build(Params, {"collect": {"out_dir": str(tmp_path / "raw"), "db_tasks": 0, "kg_tasks": 53}})
+    collect(params, progress=False)
+    records = read_jsonl(tmp_path / "raw" / "trajectories" / "dev.jsonl")
+    assert len(records) == 53 and all(r["correct"] for r in records)
+    near = copy.deepcopy(records[7]); near["id"] = "kg-near-copy"
+    near["messages"][-1]["content"] = "Right. " + near["messages"][-1]["content"]
+    kept, reasons = _filter_rows(records + [near])
+    assert sorted(kept) == sorted(r["id"] for r in records), reasons
+    assert reasons == {"kg-near-copy": [f"near-duplicate: of {records[7]['id']}"]}
+
+
 # ------------------------------------------------------------------------------ augment, distill, general, mix
 
 

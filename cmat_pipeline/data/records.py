@@ -152,14 +152,20 @@ def role_problem(messages: Any) -> str | None:
     return None
 
 
-def _parse_problem(messages: list[dict[str, str]], kind_of: Any, valid: tuple[str, ...], name: str) -> str | None:
+def action_turns(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(index, content) of the assistant's own turns: its decisions, after the fixed protocol turns (the
+    prompt's "Ok." and the one-shot example's replies, the same in every conversation of a domain)."""
     from cmat_pipeline.chat_format import fixed_protocol_turns
 
-    for i in range(fixed_protocol_turns(messages), len(messages)):  # protocol turns ("Ok.", one-shot) are not actions
-        if messages[i]["role"] == "assistant":
-            kind = kind_of(messages[i]["content"])
-            if kind not in valid:
-                return f"message {i}: assistant turn does not parse as an AgentBench {name} action ({kind})"
+    return [(i, messages[i].get("content", "")) for i in range(fixed_protocol_turns(messages), len(messages))
+            if messages[i].get("role") == "assistant"]
+
+
+def _parse_problem(messages: list[dict[str, str]], kind_of: Any, valid: tuple[str, ...], name: str) -> str | None:
+    for i, content in action_turns(messages):
+        kind = kind_of(content)
+        if kind not in valid:
+            return f"message {i}: assistant turn does not parse as an AgentBench {name} action ({kind})"
     return None
 
 
