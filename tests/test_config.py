@@ -140,8 +140,9 @@ def test_dvc_yaml_collect_params_cover_every_key_collect_reads(tmp_path):
     import json
 
     from cmat_pipeline import collect as stage
-    from tests.conftest import AGENTBENCH
+    from tests.conftest import AGENTBENCH, require_bwrap
 
+    require_bwrap()  # the OS task runs in the sandbox, which reads the os keys
     os_file = tmp_path / "os.json"
     os_file.write_text(json.dumps([json.loads((AGENTBENCH / "os_interaction" / "dev.json").read_text())[6]]))
     params = build(Params, {"collect": {"out_dir": str(tmp_path / "raw"), "db_tasks": 2, "kg_tasks": 2,
