@@ -180,6 +180,7 @@ class EvaluateConfig:
 
 
 AGENTBENCH_DIR = "../shared/agentbench"
+CMAT_DOMAINS = ("db", "os")  # environments the cmat stage can tune in
 
 
 def _check_rate(value: float, key: str) -> None:
@@ -517,9 +518,16 @@ class CMATConfig:
 
     init_adapter: str = "artifacts/sft"
     """The SFT LoRA adapter the actor starts from (and the frozen KL reference); '' starts a new LoRA on model.dir."""
+    domains: list[str] = field(default_factory=lambda: ["db"])
+    """Environments the User poses tasks from: `db` (the dbbench pool, cmat.tasks) and/or `os` (AgentBench
+    os_interaction training tasks, cmat.os_tasks, each played in a fresh sandbox per the `os` section with the
+    shell Checker in the loop). The curriculum weighs the task types of every domain together."""
     tasks: str = ""
     """Task pool: '' = the dbbench tasks of mix.out_dir/train.jsonl (curated, decontaminated); or a dbbench file.
     Evaluation splits are refused."""
+    os_tasks: str = f"{AGENTBENCH_DIR}/os_interaction/training.json"
+    """OS task pool (domains: os): an AgentBench os_interaction file of training tasks. os.tasks (the OS
+    evaluation split) is refused, and pool tasks whose description is also an evaluation task's are left out."""
     iterations: int = 2
     """Rollout + update rounds."""
     episodes: int = 16
@@ -598,6 +606,9 @@ class CMATConfig:
         _check(self.veto_reward <= 0, "cmat.veto_reward", "must be <= 0 (a veto is a penalty)")
         _check(self.max_seq_len >= 256, "cmat.max_seq_len", "must be >= 256 (the AgentBench prompt alone is ~400 tokens)")
         _check(bool(self.out_dir.strip()), "cmat.out_dir", "must name a folder")
+        unknown = sorted(set(self.domains) - set(CMAT_DOMAINS))
+        _check(bool(self.domains) and not unknown, "cmat.domains",
+               f"must be a non-empty list of {', '.join(CMAT_DOMAINS)} (got {self.domains})")
 
 
 @dataclass

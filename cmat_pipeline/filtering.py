@@ -9,8 +9,9 @@ Steps, in order (a row leaves at the first step that rejects it):
   3. unsuccessful trajectories (when filter.require_correct);
   4. length limits (filter.min_chars, filter.max_chars);
   5. decontamination against every file in filter.decontaminate: same question, near-copy of a question,
-     or the same table (name and headers);
-  6. exact duplicates (same question and actions), then near-duplicates (MinHash).
+     or the same table (name and headers); an OS question is compared without its fixed lead-in;
+  6. exact duplicates (same question and actions), then near-duplicates (MinHash). Both compare the task's own
+     question and the assistant's own actions: the prompt, its "Ok." and the one-shot example are left out.
 Writes to filter.out_dir: trajectories.jsonl, quarantine.jsonl, report.json (in = kept + quarantined),
 docs/ (Great Expectations Data Docs of the raw and the filtered validation: open docs/index.html),
 resolved_params.yaml. The kept rows must pass the strict `filtered` suite or the stage fails.
@@ -26,7 +27,7 @@ from typing import Any
 from cmat_pipeline.config import FilterConfig, Params, save_resolved
 from cmat_pipeline.data.boundaries import (EvalIndex, check_boundary, quarantine_entry, table_key,
                                            write_stage_outputs)
-from cmat_pipeline.data.records import BadLine, iter_jsonl, normalize_question
+from cmat_pipeline.data.records import BadLine, action_turns, iter_jsonl, normalize_question, task_question
 from cmat_pipeline.errors import DataError
 
 STAGE = "filter"
@@ -49,7 +50,14 @@ def read_shards(raw_dir: str | Path) -> tuple[list[tuple[str, dict[str, Any]]], 
 
 
 def _action_text(record: dict[str, Any]) -> str:
-    return "\n".join(m.get("content", "") for m in record["messages"] if m.get("role") == "assistant")
+    """The assistant's own turns: the protocol and one-shot replies every record of a domain shares would
+    otherwise outweigh what tells two tasks apart (9 one-shot replies against a KG task's 3 actions)."""
+    return "\n".join(content for _, content in action_turns(record["messages"]))
+
+
+def _task_text(record: dict[str, Any]) -> str:
+    """What near-duplicate dedupe compares: the task's own question and the assistant's own actions."""
+    return task_question(record["question"]) + "\n" + _action_text(record)
 
 
 def _raw_suite_failures(records: list[dict[str, Any]], docs_dir: Path | None) -> dict[int, list[str]]:
@@ -113,7 +121,7 @@ class Filter:
         from cmat_pipeline.data.similarity import near_duplicates
 
         evals = self.evals.questions
-        texts = [q for q, _ in evals] + [r["question"] for _, r in rows]
+        texts = [task_question(q) for q, _ in evals] + [task_question(r["question"]) for _, r in rows]
         near = near_duplicates(texts, threshold=self.cfg.decontamination_threshold) if rows else []
         out = []
         for i, (where, record) in enumerate(rows):
@@ -141,7 +149,7 @@ class Filter:
             else:
                 first[key] = record["id"]
                 unique.append((where, record))
-        texts = [r["question"] + "\n" + _action_text(r) for _, r in unique]
+        texts = [_task_text(r) for _, r in unique]
         near = near_duplicates(texts, threshold=self.cfg.near_duplicate_threshold) if unique else []
         kept = []
         for (where, record), match in zip(unique, near):

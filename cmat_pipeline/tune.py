@@ -7,7 +7,8 @@ Run it:
                                                  # reflection_loss_weight=0 (see docs/BENCHMARKS.md)
 
 Each iteration:
-  1. the User samples `cmat.episodes` training tasks (mix.out_dir/train.jsonl; curriculum by success);
+  1. the User samples `cmat.episodes` training tasks (cmat.domains: dbbench tasks of mix.out_dir/train.jsonl,
+     AgentBench OS training tasks in a sandbox; curriculum by success);
   2. the Assistant (actor) plays them, batched: every active episode's turn in one `generate` call; the
      Checker verifies each action before it runs (a veto blocks it, shows the feedback, costs veto_reward);
      recalled lessons from long-term memory lead each question;
@@ -54,6 +55,12 @@ PLOTTED = ("mean_reward", "success_rate", "value_loss", "kl", "clip_fraction", "
 
 
 def load_task_pool(params: Params) -> list[dict[str, Any]]:
+    """Every task the User may pose, from each of cmat.domains: never an evaluation split."""
+    pool = load_db_pool(params) if "db" in params.cmat.domains else []
+    return pool + (load_os_pool(params) if "os" in params.cmat.domains else [])
+
+
+def load_db_pool(params: Params) -> list[dict[str, Any]]:
     """dbbench entries the User may pose: never an evaluation split."""
     cfg = params.cmat
     source = Path(cfg.tasks) if cfg.tasks else Path(params.mix.out_dir) / "train.jsonl"
@@ -89,6 +96,29 @@ def load_task_pool(params: Params) -> list[dict[str, Any]]:
     return entries
 
 
+def load_os_pool(params: Params) -> list[dict[str, Any]]:
+    """AgentBench os_interaction training tasks as pool entries {"domain": "os", "type": ["os"], "task": OSTask}.
+    Unsupported tasks (a script file that is not shipped) and copies of an evaluation task are left out, counted."""
+    from cmat_pipeline.envs.os_interaction import load_os_tasks
+
+    source, evaluation = Path(params.cmat.os_tasks), Path(params.os.tasks)
+    if not source.is_file():
+        raise DataError(f"{source}: OS task pool not found (cmat.os_tasks)")
+    if source.resolve() == evaluation.resolve() or "standard" in source.name:
+        raise ConfigError(f"cmat.os_tasks: {source} is an evaluation split (os.tasks); CMAT trains on training tasks only")
+    held_out = ({" ".join(t.description.split()) for t in load_os_tasks(evaluation, params.os.scripts_dir)}
+                if evaluation.is_file() else set())
+    tasks = load_os_tasks(source)
+    playable = [t for t in tasks if not t.unsupported]
+    entries = [{"domain": "os", "type": ["os"], "task": t} for t in playable
+               if " ".join(t.description.split()) not in held_out]
+    if not entries:
+        raise DataError(f"{source}: holds no playable OS task for the User to pose")
+    log.info("cmat: OS task pool %s: %d tasks; %d unsupported here, %d also in the evaluation split %s", source,
+             len(entries), len(tasks) - len(playable), len(playable) - len(entries), evaluation)
+    return entries
+
+
 # ------------------------------------------------------------------------------------- rewards
 
 
@@ -100,23 +130,33 @@ def turn_rewards(result: dict[str, Any], cfg: Any) -> list[float]:
     return rewards
 
 
+ACTING = ("operation", "answer", "bash", "finish")  # turn actions of dbbench and OS episodes that are not mistakes
+
+
+def _turn_failed(turn: dict[str, Any]) -> bool:
+    """A vetoed turn, an SQL statement that errored, or a shell command that exited non-zero."""
+    if turn.get("vetoed"):
+        return True
+    if "exit_code" in turn:
+        return turn["exit_code"] != 0
+    return "observation" in turn and not turn["observation"].startswith("[")
+
+
 def corrected_turns(result: dict[str, Any]) -> list[int]:
-    """Turns of a correct episode that fixed the turn before (a veto or an SQL error): eq. 8's targets."""
+    """Turns of a correct episode that fixed the turn before (a veto, an SQL error, a failed command): eq. 8's
+    targets."""
     if not result["correct"]:
         return []
-    fixed = []
-    for t in range(1, len(result["turns"])):
-        before, turn = result["turns"][t - 1], result["turns"][t]
-        failed = before.get("vetoed") or ("observation" in before and not before["observation"].startswith("["))
-        if failed and not turn.get("vetoed") and turn["action"] in ("operation", "answer"):
-            fixed.append(t)
-    return fixed
+    turns = result["turns"]
+    return [t for t in range(1, len(turns))
+            if _turn_failed(turns[t - 1]) and not turns[t].get("vetoed") and turns[t]["action"] in ACTING]
 
 
 # ------------------------------------------------------------------------------------- recipe
 
 
 NOT_FINGERPRINTED = ("out_dir", "iterations")  # iterations: no iteration depends on the total, so a run can be extended
+OS_EVALUATION_ONLY = ("tasks", "scripts_dir", "policy", "adapter", "limit", "out_dir")  # the rest shapes OS episodes
 
 
 def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
@@ -125,6 +165,9 @@ def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     digest.update(json.dumps([dataclasses.asdict(params.generation), params.db.backend, params.db.max_rounds],
                              sort_keys=True).encode())
+    if "os" in params.cmat.domains:
+        digest.update(json.dumps({k: v for k, v in dataclasses.asdict(params.os).items() if k not in OS_EVALUATION_ONLY},
+                                 sort_keys=True).encode())
     from cmat_pipeline.sft import update_with_folder
 
     update_with_folder(digest, Path(params.model.dir))
@@ -152,6 +195,7 @@ class CMATRecipe:
         from cmat_pipeline.cmat.actor_critic import ACTOR, CRITIC, ActorCritic
         from cmat_pipeline.cmat.checker import SQLChecker
         from cmat_pipeline.cmat.memory import ReflectionMemory
+        from cmat_pipeline.cmat.osbench_checker import ShellChecker
         from cmat_pipeline.cmat.roles import User
         from cmat_pipeline.envs.sql_backends import make_backend
         from cmat_pipeline.runtime.policy import HFPolicy, resolve_device
@@ -174,8 +218,11 @@ class CMATRecipe:
         self.critic_optim = torch.optim.AdamW(self.net.parameters(CRITIC), lr=cfg.critic_lr, weight_decay=0.0)
         self.user = User(self.pool, cfg.curriculum)
         self.memory = ReflectionMemory(self.out / "memory.sqlite") if cfg.memory else None
-        self.backend = make_backend(self.params.db)
-        self.checker = SQLChecker(make_backend(self.params.db), veto_reward=cfg.veto_reward)
+        self.backend = self.checker = None  # databases only when the User poses dbbench tasks
+        if "db" in cfg.domains:
+            self.backend = make_backend(self.params.db)
+            self.checker = SQLChecker(make_backend(self.params.db), veto_reward=cfg.veto_reward)
+        self.shell_checker = ShellChecker(veto_reward=cfg.veto_reward)
         rollout_gen = dataclasses.replace(self.params.generation, temperature=cfg.temperature,
                                           max_new_tokens=cfg.max_new_tokens)
         self.policy = HFPolicy.from_loaded(self.net.model, self.tokenizer, rollout_gen, f"cmat-actor:{model_dir}")
@@ -189,9 +236,7 @@ class CMATRecipe:
         import torch
         from tqdm import tqdm
 
-        from cmat_pipeline.cmat.checker import CheckedDBEpisode
-        from cmat_pipeline.cmat.memory import prompt_with_lessons
-        from cmat_pipeline.envs.dbbench import task_from_entry
+        from cmat_pipeline.cmat.corrections import correction, os_correction
         from cmat_pipeline.runtime.policy import Timed
         from cmat_pipeline.runtime.rollout import run_episodes
 
@@ -199,36 +244,55 @@ class CMATRecipe:
         rng = random.Random(f"{cfg.seed}:{iteration}")
         torch.manual_seed(cfg.seed * 100_003 + iteration)  # sampling: the same iteration replays exactly
         entries = list(tasks) if tasks is not None else self.user.sample(cfg.episodes, rng)
-        db_tasks = [task_from_entry(e, i, f"task pool:item {i}") for i, e in enumerate(entries)]
-        max_vetoes = cfg.max_vetoes if cfg.veto else 0  # no veto: the Checker scores actions but never blocks them
-
-        def starter(task):
-            return lambda: CheckedDBEpisode(task, self.backend.open(task.table), self.params.db.max_rounds,
-                                            messages=prompt_with_lessons(task, self.memory, cfg.memory_k),
-                                            checker=self.checker, max_vetoes=max_vetoes)
-
+        played = [self._task(e, i) for i, e in enumerate(entries)]
         timed = Timed(self.policy)
-        bar = tqdm(total=len(db_tasks), desc=f"cmat rollouts {iteration + 1}", unit="episode",
+        bar = tqdm(total=len(played), desc=f"cmat rollouts {iteration + 1}", unit="episode",
                    disable=not self.progress)
         start = time.perf_counter()
         self.net.use("default")
         try:
-            results = run_episodes((starter(t) for t in db_tasks), timed,
+            results = run_episodes((self._starter(domain, task) for domain, task in played), timed,
                                    concurrency or self.params.generation.batch_size,
-                                   close=lambda e: e.db.close(), on_result=lambda _: bar.update())
+                                   close=lambda e: (e.sandbox if hasattr(e, "sandbox") else e.db).close(),
+                                   on_result=lambda _: bar.update())
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        from cmat_pipeline.cmat.corrections import correction
-
         correct_failures = cfg.corrections and cfg.reflection_loss_weight > 0
         for result in results:  # the plain question (without recalled lessons) keys long-term memory
-            result["question"] = db_tasks[result["index"]].question
-            result["correction"] = correction(result, db_tasks[result["index"]]) if correct_failures else None
+            domain, task = played[result["index"]]
+            result.update(domain=domain, type=task.type, question=task.question)
+            fix = os_correction if domain == "os" else correction
+            result["correction"] = fix(result, task) if correct_failures else None
         stats = {"rollout_seconds": round(seconds, 2), "episodes_per_minute": round(60 * len(results) / seconds, 2),
                  "rollout_tokens_per_second": round(timed.completion_tokens / max(timed.seconds, 1e-9), 2),
                  "generate_calls": timed.calls}
         return results, stats
+
+    @staticmethod
+    def _task(entry: dict[str, Any], index: int) -> tuple[str, Any]:
+        """(domain, task) of a pool entry, indexed by its position in this iteration's episodes."""
+        from cmat_pipeline.envs.dbbench import task_from_entry
+
+        if entry.get("domain") == "os":
+            return "os", dataclasses.replace(entry["task"], index=index)
+        return "db", task_from_entry(entry, index, f"task pool:item {index}")
+
+    def _starter(self, domain: str, task: Any) -> Callable[[], Any]:
+        """Starts the task's episode with its Checker in the loop (no veto: it scores actions, never blocks)."""
+        from cmat_pipeline.cmat.checker import CheckedDBEpisode
+        from cmat_pipeline.cmat.memory import prompt_with_lessons
+        from cmat_pipeline.cmat.osbench_checker import CheckedOSEpisode
+        from cmat_pipeline.evaluate_os import start_episode
+
+        cfg = self.cfg
+        checked = {"messages": prompt_with_lessons(task, self.memory, cfg.memory_k),
+                   "max_vetoes": cfg.max_vetoes if cfg.veto else 0}
+        if domain == "os":
+            return lambda: start_episode(task, self.params.os, episode_cls=CheckedOSEpisode,
+                                         checker=self.shell_checker, **checked)
+        return lambda: CheckedDBEpisode(task, self.backend.open(task.table), self.params.db.max_rounds,
+                                        checker=self.checker, **checked)
 
     # -- long-term memory
     def reflect(self, results: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -385,6 +449,9 @@ class CMATRecipe:
             "iteration": i + 1, "episodes": len(results),
             "mean_reward": round(sum(returns) / max(len(returns), 1), 4),
             "success_rate": round(sum(r["correct"] for r in results) / max(len(results), 1), 4),
+            "success_by_domain": {d: round(sum(r["correct"] for r in results if r["domain"] == d)
+                                           / sum(r["domain"] == d for r in results), 4)
+                                  for d in sorted({r["domain"] for r in results})},
             "veto_rate": round(sum(bool(t.get("vetoed")) for t in turns) / max(len(turns), 1), 4),
             "memory_size": len(self.memory) if self.memory is not None else 0,
             "reflections_self": reflections["self"], "reflections_template": reflections["template"],
@@ -395,8 +462,8 @@ class CMATRecipe:
         rollouts.mkdir(exist_ok=True)
         with (rollouts / f"iter-{i + 1}.jsonl").open("w") as f:
             for r in results:
-                f.write(json.dumps({k: r.get(k) for k in ("index", "type", "outcome", "correct", "turns", "messages",
-                                                          "correction")},
+                f.write(json.dumps({k: r.get(k) for k in ("index", "domain", "type", "outcome", "correct", "turns",
+                                                          "messages", "correction")},
                                    ensure_ascii=False) + "\n")
         return metrics
 

@@ -1,9 +1,10 @@
-"""Shared fixtures: the AgentBench dev data path, a real MariaDB on loopback, a tiny random model."""
+"""Shared fixtures: the AgentBench dev data path, a real MariaDB on loopback, a tiny random model, the bwrap check."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 AGENTBENCH = Path(os.environ.get("CMAT_AGENTBENCH_DIR", REPO.parent / "shared" / "agentbench"))
 DB_DEV = AGENTBENCH / "dbbench" / "dev.jsonl"
+
+
+def bwrap_works() -> bool:
+    """True when bubblewrap runs here and may create the namespaces the OS sandbox uses."""
+    if shutil.which("bwrap") is None:
+        return False
+    probe = subprocess.run(["bwrap", "--unshare-all", "--unshare-user", "--ro-bind", "/", "/", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def require_bwrap() -> None:
+    """Skip a test that plays OS tasks where bubblewrap cannot run; under CI that is a failure."""
+    if not bwrap_works():
+        if os.environ.get("CI"):
+            pytest.fail("bubblewrap is missing or cannot create namespaces; .ci/apt.sh installs it")
+        pytest.skip("bubblewrap not usable here (apt-get install bubblewrap; unprivileged user namespaces)")
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,10 @@ class Scripted:
     def generate(self, conversations, gen=None):
         from cmat_pipeline.runtime.policy import PolicyOutput
 
-        turns = [sum(m["role"] == "assistant" for m in c) - 1 for c in conversations]  # "Ok." is not a turn
+        from cmat_pipeline.chat_format import fixed_protocol_turns
+
+        # protocol turns ("Ok.", the OS one-shot example) are not the episode's own
+        turns = [sum(m["role"] == "assistant" for m in c[fixed_protocol_turns(c):]) for c in conversations]
         return [PolicyOutput(self.texts[min(k, len(self.texts) - 1)], 1, 1) for k in turns]
 
 
@@ -339,3 +342,96 @@ def test_memory_round_trip_write_persist_recall_into_prompts(tiny_model_dir, sft
                    progress=False, memory=stored, memory_k=2)
     stored.close()
     assert lessons[0] in results[0]["messages"][2]["content"]
+
+
+# ---------------------------------------------------------------------------------- the OS domain
+
+
+def _os_task(description: str, count: int) -> dict:
+    """An os_interaction training entry: `count` files in ~/exp, the example counts them (integer-match)."""
+    files = " ".join(f"~/exp/f{i}" for i in range(count))
+    return {"description": description, "create": {"init": {"code": f"mkdir -p ~/exp && touch {files}"}},
+            "evaluation": {"check": [None, {"file": "check/integer-match.py"}], "example": {"code": "ls ~/exp | wc -l"}}}
+
+
+def bash(code: str) -> str:
+    return f"Think: I run it.\n\nAct: bash\n\n```bash\n{code}\n```"
+
+
+@pytest.fixture
+def os_params(tiny_model_dir, sft_adapter, task_file, tmp_path) -> Params:
+    pool, held_out = tmp_path / "os_training.json", tmp_path / "os_dev.json"
+    pool.write_text(json.dumps([_os_task("How many files are in ~/exp?", 3),
+                                _os_task("Count the files in the exp folder of your home.", 2)]))
+    held_out.write_text(json.dumps([_os_task("Count the files in the  exp folder of your home.", 2)]))
+    params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", domains=["os"],
+                         os_tasks=str(pool), memory=True)
+    params.os.tasks = str(held_out)
+    return params
+
+
+def test_os_tasks_are_played_in_the_sandbox_with_the_shell_checker_in_the_loop(os_params):
+    from cmat_pipeline.cmat.memory import OS_LESSONS
+    from tests.conftest import require_bwrap
+
+    require_bwrap()
+    recipe = CMATRecipe(os_params, progress=False)
+    recipe.setup()
+    try:
+        # The evaluation split's task (same description, spacing aside) is not in the pool.
+        assert [e["task"].description for e in recipe.pool] == ["How many files are in ~/exp?"]
+        assert recipe.backend is None  # no database without dbbench tasks
+        recipe.policy = Scripted(bash("rm -rf /"), bash("ls ~/exp | wc -l"), "Think: done.\n\nAct: answer(3)")
+        results, _ = recipe.rollout(0, tasks=recipe.pool)
+        result = results[0]
+        lessons = recipe.reflect(results)
+        stats = recipe.update(results)
+        stored = lessons_in(recipe)
+    finally:
+        recipe.cleanup(success=False)
+    vetoed, ran, answered = result["turns"]
+    assert vetoed["vetoed"] and "destructive" in vetoed["issues"] and vetoed["reward"] == -0.5
+    assert "command" not in vetoed and result["messages"][8]["content"].startswith("Checker: ")  # rm never ran
+    assert ran["exit_code"] == 0 and ran["observation"].strip().endswith("3") and answered["action"] == "answer"
+    assert result["correct"] and result["domain"] == "os" and result["type"] == "os"
+    assert corrected_turns(result) == [1]  # the command accepted after the veto is eq. 8's target
+    assert turn_rewards(result, recipe.cfg) == [-0.5, 0.0, 1.0]
+    # The vetoed episode leaves the OS lesson for its issue; the update trains on the OS conversation.
+    assert lessons == {"self": 0, "template": 1} and stored[0][1] == OS_LESSONS["destructive"]
+    assert stats["episodes_trained"] == 1 and stats["corrected_turns"] == 1
+
+
+def test_checker_corrects_a_failed_os_episode_with_the_example_solution(os_params):
+    from cmat_pipeline.cmat.corrections import os_correction
+    from cmat_pipeline.envs.os_interaction import OBSERVATION, task_from_entry
+
+    task = task_from_entry(_os_task("How many files are in ~/exp?", 3), 0, "pool")
+    opening = task.initial_messages()
+
+    def failed(*turns):
+        messages, records = list(opening), []
+        for response, seen in turns:
+            messages.append({"role": "assistant", "content": response})
+            records.append({"response": response, "vetoed": False})
+            if seen is not None:
+                messages.append({"role": "user", "content": seen})
+        return {"correct": False, "turns": records, "messages": messages}
+
+    wrong_command = os_correction(failed((bash("ls /"), OBSERVATION + "bin"), ("Act: answer(1)", None)), task)
+    assert wrong_command["turn"] == 0 and wrong_command["messages"][:-1] == opening
+    assert wrong_command["messages"][-1]["content"].endswith("```bash\nls ~/exp | wc -l\n```")
+    wrong_answer = os_correction(failed((bash("ls ~/exp  | wc -l"), OBSERVATION + "3"),
+                                        ("Act: answer(2)", None)), task)
+    assert wrong_answer["turn"] == 1 and wrong_answer["messages"][-1]["content"].endswith("Act: answer(3)")
+    assert os_correction(failed((bash("ls ~/exp | wc -l"), "x")) | {"correct": True}, task) is None
+
+
+def test_the_os_evaluation_split_is_refused_as_a_task_pool(os_params):
+    os_params.cmat.os_tasks = os_params.os.tasks
+    with pytest.raises(ConfigError, match="cmat.os_tasks: .* evaluation split"):
+        load_task_pool(os_params)
+
+
+def test_unknown_cmat_domain_is_a_clear_error():
+    with pytest.raises(ConfigError, match="cmat.domains"):
+        build(Params, {"cmat": {"domains": ["db", "webshop"]}})

@@ -94,19 +94,65 @@ def _flatten(data, prefix=""):
             yield from _flatten(value, dotted + ".")
 
 
-def test_dvc_yaml_params_exist_in_params_yaml_and_dataclasses():
-    """Every key a DVC stage lists under `params:` must be in params.yaml and in the dataclasses."""
+def _listed_params() -> list[tuple[str, str]]:
+    """(stage, key) for every key a dvc.yaml stage lists under `params:`."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    known = set(_flatten(yaml.safe_load((REPO / "params.yaml").read_text())))
-    known_in_code = set(_flatten(Params().to_dict()))
     listed = []
     for stage, spec in dvc["stages"].items():
         for entry in spec.get("params", []):
             keys = entry if isinstance(entry, str) else [k for v in entry.values() for k in (v or [])]
             listed.extend((stage, k) for k in ([keys] if isinstance(keys, str) else keys))
+    return listed
+
+
+def test_dvc_yaml_params_exist_in_params_yaml_and_dataclasses():
+    """Every key a DVC stage lists under `params:` must be in params.yaml and in the dataclasses."""
+    known = set(_flatten(yaml.safe_load((REPO / "params.yaml").read_text())))
+    known_in_code = set(_flatten(Params().to_dict()))
+    listed = _listed_params()
     assert listed, "dvc.yaml lists no params"
     missing = [(stage, key) for stage, key in listed if key not in known or key not in known_in_code]
     assert not missing, f"dvc.yaml params not in params.yaml/dataclasses: {missing}"
+
+
+class _Reads:
+    """A config (section) that records the dotted key of every value read from it; sections stay wrapped,
+    methods (to_dict, for the resolved-params copy) pass through unrecorded."""
+
+    def __init__(self, obj, seen: set, prefix: str = ""):
+        self._obj, self._seen, self._prefix = obj, seen, prefix
+
+    def __getattr__(self, name):
+        import dataclasses
+
+        value = getattr(self._obj, name)
+        if dataclasses.is_dataclass(value):
+            return _Reads(value, self._seen, f"{self._prefix}{name}.")
+        if not callable(value):
+            self._seen.add(self._prefix + name)
+        return value
+
+
+def test_dvc_yaml_collect_params_cover_every_key_collect_reads(tmp_path):
+    """Collect a DB, a KG and an OS task with the oracle teacher, recording every params key the stage reads:
+    each must be listed (itself or its section) under the collect stage's `params:`, or a change would not
+    rerun collect. (Teacher keys of the other teachers are listed too; this run cannot see them.)"""
+    import json
+
+    from cmat_pipeline import collect as stage
+    from tests.conftest import AGENTBENCH, require_bwrap
+
+    require_bwrap()  # the OS task runs in the sandbox, which reads the os keys
+    os_file = tmp_path / "os.json"
+    os_file.write_text(json.dumps([json.loads((AGENTBENCH / "os_interaction" / "dev.json").read_text())[6]]))
+    params = build(Params, {"collect": {"out_dir": str(tmp_path / "raw"), "db_tasks": 2, "kg_tasks": 2,
+                                        "play_os": True, "import_tasks": [str(os_file)]}})
+    seen: set = set()
+    report = stage.collect(_Reads(params, seen), progress=False)
+    assert report["trajectories"] == 5 and {"kg.endpoint", "os.driver", "db.max_rounds"} <= seen
+    listed = [key for name, key in _listed_params() if name == "collect"]
+    unlisted = sorted(k for k in seen if not any(k == key or k.startswith(key + ".") for key in listed))
+    assert not unlisted, f"dvc.yaml: the collect stage reads {unlisted} but does not list them under params"
 
 
 def test_every_field_is_documented():

@@ -243,6 +243,64 @@ def test_filter_fails_loudly_on_missing_inputs(tmp_path, db_dev_file):
         filter_stage(params)
 
 
+def _filter_rows(records, eval_files=()):
+    """Run the filter's steps on `records` (no files): (kept ids, {id: [quarantine reasons]})."""
+    from cmat_pipeline.data.boundaries import EvalIndex
+    from cmat_pipeline.filtering import Filter
+
+    flt = Filter(Params().filter, EvalIndex.from_files(list(eval_files)))
+    kept = flt.run([(f"row {i}", r) for i, r in enumerate(records)])
+    reasons = {}
+    for q in flt.quarantined:
+        reasons.setdefault(q["id"], []).append(q["reason"])
+    return [r["id"] for r in kept], reasons
+
+
+def test_filter_keeps_every_kg_training_record_and_still_catches_a_near_copy(tmp_path):
+    """The 53 KG training questions share AgentBench's prompt and one-shot example (18 turns, 9 of them the
+    assistant's): dedupe compares the question and the assistant's own actions only, so none of them is a
+    near-duplicate of another, while a copy with one word more still is."""
+    from cmat_pipeline.collect import collect
+
+    params = build(Params, {"collect": {"out_dir": str(tmp_path / "raw"), "db_tasks": 0, "kg_tasks": 53}})
+    collect(params, progress=False)
+    records = read_jsonl(tmp_path / "raw" / "trajectories" / "dev.jsonl")
+    assert len(records) == 53 and all(r["correct"] for r in records)
+    near = copy.deepcopy(records[7]); near["id"] = "kg-near-copy"
+    near["messages"][-1]["content"] = "Right. " + near["messages"][-1]["content"]
+    kept, reasons = _filter_rows(records + [near])
+    assert sorted(kept) == sorted(r["id"] for r in records), reasons
+    assert reasons == {"kg-near-copy": [f"near-duplicate: of {records[7]['id']}"]}
+
+
+def test_filter_decontaminates_played_os_tasks_without_their_lead_in():
+    """A played OS record's question is the prompt turn, "Now, I will start a new problem in a new OS. My
+    problem is:" + the task: the evaluation file holds the task alone, and both overlap checks still match."""
+    from cmat_pipeline.data.os_teacher import os_record
+    from cmat_pipeline.envs.os_interaction import task_from_entry
+    from tests.conftest import AGENTBENCH
+
+    dev_file = AGENTBENCH / "os_interaction" / "dev.json"
+    dev = json.loads(dev_file.read_text())
+
+    def played(entry, rid, answer="8"):
+        """The record collect writes for `entry` answered at once (no sandbox needed)."""
+        task = task_from_entry(entry, 0, rid, "")
+        result = {"messages": task.initial_messages() + [{"role": "assistant", "content": f"Act: answer({answer})"}],
+                  "checker": task.checker, "outcome": "completed", "correct": True, "rounds": 1,
+                  "turns": [{"action": "answer"}], "init_failed": False}
+        return dict(os_record(dict(entry, id=rid), result, "oracle", "test"), id=rid)
+
+    reworded = dict(dev[22], description=dev[22]["description"].upper() + " Please.")
+    own = dict(dev[6], description="How many directories are there under /usr/share, counting hidden ones too?")
+    records = [played(dev[6], "os-eval-copy"), played(reworded, "os-eval-near"), played(own, "os-own", "9")]
+    assert records[0]["question"].startswith("Now, I will start a new problem in a new OS")
+    kept, reasons = _filter_rows(records, [dev_file])
+    assert kept == ["os-own"], reasons
+    assert reasons == {"os-eval-copy": [f"evaluation overlap: question of {dev_file}"],
+                       "os-eval-near": [f"evaluation overlap: near-copy of a question of {dev_file}"]}
+
+
 # ------------------------------------------------------------------------------ augment, distill, general, mix
 
 

@@ -215,6 +215,22 @@ def test_openai_parquet(tmp_path):
     assert json.dumps([r.raw for r in rejected])  # quarantine-ready: plain JSON
 
 
+def test_conversations_in_agentbench_os_and_kg_format_take_the_question_after_the_one_shot(tmp_path):
+    """An OS or KG conversation opens with AgentBench's prompt and one-shot example (a user turn answered by an
+    action, not "Ok."): its question is the task's turn after them, as in a played record, not the prompt every
+    such conversation shares (which would make them all near-copies of each other in the filter)."""
+    from cmat_pipeline.envs.kg import generated_tasks
+    from cmat_pipeline.envs.os_interaction import OSTask
+
+    os_task, kg_task = OSTask(0, "count the files in /tmp"), generated_tasks()[0]
+    conversations = [{"id": "os_1", "messages": os_task.initial_messages() + [{"role": "assistant", "content": "Act: answer(3)"}]},
+                     {"id": "kg_1", "messages": kg_task.initial_messages() + [{"role": "assistant", "content": "Final Answer: #0"}]}]
+    path = write_jsonl(tmp_path / "agentbench.jsonl", conversations)
+    records, rejected = import_conversations(path)
+    assert not rejected
+    assert [r["question"] for r in records] == [os_task.question, kg_task.prompt]
+
+
 def test_conversation_ids_are_stable(tmp_path):
     path = tmp_path / "c.jsonl"
     write_jsonl(path, [sharegpt(("human", "Q"), ("gpt", "A")), sharegpt(("human", "Q2"), ("gpt", "A"))])

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,25 +21,14 @@ from cmat_pipeline.envs.os_interaction import (TRUNCATED, ExampleOraclePolicy, O
 from cmat_pipeline.envs.sandbox import (BOOT, BwrapSandbox, DockerSandbox, SandboxError, Script, make_sandbox)
 from cmat_pipeline.evaluate_os import evaluate_os, play_os
 from cmat_pipeline.runtime.policy import PolicyOutput
-from tests.conftest import AGENTBENCH
+from tests.conftest import AGENTBENCH, require_bwrap
 
 OS_DEV = AGENTBENCH / "os_interaction" / "dev.json"
 
 
-def _bwrap_works() -> bool:
-    if shutil.which("bwrap") is None:
-        return False
-    probe = subprocess.run(["bwrap", "--unshare-all", "--unshare-user", "--ro-bind", "/", "/", "true"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
 @pytest.fixture(scope="module", autouse=True)
 def need_bwrap():
-    if not _bwrap_works():
-        if os.environ.get("CI"):
-            pytest.fail("bubblewrap is missing or cannot create namespaces; .ci/apt.sh installs it")
-        pytest.skip("bubblewrap not usable here (apt-get install bubblewrap; unprivileged user namespaces)")
+    require_bwrap()
 
 
 @pytest.fixture

@@ -6,6 +6,11 @@ not the next gold one, an early or wrong answer) and writes the corrected action
 gold statement, or the answer once every gold statement has run. The reflection loss then trains the actor
 on that action in the conversation as it really was (its own earlier turns, recalled lessons included).
 Successful episodes that fixed their own mistakes keep their own corrected turns (tune.corrected_turns).
+
+OS tasks (os_correction): the reference plan is the task's `example` solution as the example-solution oracle
+plays it (run the script, then answer with its output); the first turn whose action differs from the
+oracle's in the same state gets the oracle's action. Tasks judged by `match` get none: their oracle answers
+without running anything, which the shell Checker rightly vetoes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,13 @@ from cmat_pipeline.chat_format import fixed_protocol_turns
 from cmat_pipeline.data.rationales import explain_sql
 from cmat_pipeline.data.teachers import _action, final_answer
 from cmat_pipeline.envs.dbbench import DBTask
+from cmat_pipeline.envs.os_interaction import ExampleOraclePolicy, OSTask, parse_action
+
+
+def _assistant_positions(messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Message index of each assistant turn after the fixed protocol turns (turn t is messages[positions[t]])."""
+    skip = fixed_protocol_turns(messages)
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= skip]
 
 
 def _normal(sql: str) -> str:
@@ -45,13 +57,30 @@ def correction(result: dict[str, Any], task: DBTask) -> dict[str, Any] | None:
     if found is None:
         return None
     turn, ran = found
-    messages = result["messages"]
-    skip = fixed_protocol_turns(messages)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= skip]
-    prefix = messages[:assistant[turn]]
+    prefix = result["messages"][:_assistant_positions(result["messages"])[turn]]
     rng = random.Random(task.question)
     if ran < len(task.gold_sql):
         target = _action(explain_sql(task.gold_sql[ran], rng), task.gold_sql[ran])
     else:  # every gold statement ran: answer (the table for a modification, else the last result's values)
         target = final_answer(task, prefix[-1]["content"])
     return {"turn": turn, "messages": [*prefix, {"role": "assistant", "content": target}]}
+
+
+def _os_action(response: str) -> tuple[str, str]:
+    action = parse_action(response)
+    return action.kind, " ".join((action.content or "").split())
+
+
+def os_correction(result: dict[str, Any], task: OSTask) -> dict[str, Any] | None:
+    """The OS counterpart of `correction`: the oracle's action at the first turn that left its plan."""
+    if result["correct"] or not result["turns"] or task.example is None or task.match is not None:
+        return None
+    messages = result["messages"]
+    oracle = ExampleOraclePolicy([])
+    for turn, position in enumerate(_assistant_positions(messages)):
+        prefix = messages[:position]
+        oracle.register(prefix, task)
+        target = oracle.turn(prefix)
+        if result["turns"][turn].get("vetoed") or _os_action(messages[position]["content"]) != _os_action(target):
+            return {"turn": turn, "messages": [*prefix, {"role": "assistant", "content": target}]}
+    return None

@@ -85,15 +85,31 @@ def with_lessons(question: str, lessons: list[str]) -> str:
 
 
 def prompt_with_lessons(task, memory: "ReflectionMemory | None", k: int) -> list[dict[str, str]]:
-    """A dbbench task's opening messages, its question turn led by up to k recalled lessons."""
+    """A task's opening messages (dbbench or OS), its question turn led by up to k recalled lessons."""
     messages = task.initial_messages()
     lessons = memory.recall(task.question, task.type, k) if memory is not None else []
     messages[-1] = {"role": "user", "content": with_lessons(task.question, lessons)}
     return messages
 
 
-def template_reflection(issues: list[str], outcome: str | None) -> str:
+OS_LESSONS = {  # the shell Checker's issues (cmat/osbench_checker.py)
+    "format": "Reply with 'Think: ...' and then one of 'Act: bash' with a ```bash block, 'Act: finish' or 'Act: answer(...)'.",
+    "premature_answer": "Run a command and read its output before answering.",
+    "empty_command": "Put the command in a ```bash block right after 'Act: bash'.",
+    "parse_error": "Close every quote in the bash code.",
+    "destructive": "Never delete or overwrite system files or whole folders; change only what the task names.",
+}
+
+
+def template_reflection(issues: list[str], outcome: str | None, domain: str = "db") -> str:
     """A lesson from what went wrong, for when the Assistant's own reflection is unusable."""
+    if domain == "os":
+        found = [OS_LESSONS[issue] for issue in issues if issue in OS_LESSONS]
+        if found:
+            return found[0]
+        if outcome == "task_limit_exceeded":
+            return "Answer as soon as a command prints the result; do not keep exploring."
+        return "Check the command's output against the question before answering."
     lessons = {
         "format": "Always end with 'Action: Operation' and one ```sql block, or 'Action: Answer' and 'Final Answer: [...]'.",
         "unknown_table": "Use the exact table name from the task, in backticks.",

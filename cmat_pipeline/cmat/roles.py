@@ -77,12 +77,12 @@ def reflection_request(result: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def usable_reflection(text: str | None) -> str | None:
-    """A one-sentence lesson of 4-40 words without an action, or None."""
+    """A one-sentence lesson of 4-40 words without an action (dbbench `Action:`, OS `Act:`), or None."""
     if not text:
         return None
     text = " ".join(text.split())
     words = len(text.split())
-    if "Action:" in text or "```" in text or not 4 <= words <= 40 or not re.search(r"[A-Za-z]", text):
+    if re.search(r"\bAct(ion)?:", text) or "```" in text or not 4 <= words <= 40 or not re.search(r"[A-Za-z]", text):
         return None
     return text
 
@@ -93,4 +93,4 @@ def lesson_for(result: dict[str, Any], reflection: str | None) -> tuple[str, str
     if own:
         return own, "self"
     issues = [issue for turn in result["turns"] for issue in turn.get("issues", [])]
-    return template_reflection(issues, result["outcome"]), "template"
+    return template_reflection(issues, result["outcome"], result.get("domain", "db")), "template"

@@ -223,7 +223,12 @@ def _opens_with_env_prompt(messages: list[dict[str, str]], i: int) -> bool:
 
 
 def _question(messages: list[dict[str, str]]) -> str:
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    """The task's user turn: after AgentBench's prompt and one-shot example when the conversation opens with
+    them (an OS or KG one-shot is answered by actions, not "Ok."), else after an environment's prompt."""
+    from cmat_pipeline.chat_format import fixed_protocol_turns
+
+    skip = fixed_protocol_turns(messages)
+    users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= skip]
     if not users:
         raise _Unmappable("no user turn to take the question from")
     if len(users) > 1 and _opens_with_env_prompt(messages, users[0]):

@@ -13,6 +13,7 @@ prompt as the first user turn, "Ok.", the question, then assistant actions and o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,9 +39,30 @@ def content_id(domain: str, *parts: Any) -> str:
     return f"{domain}-{digest[:20]}"
 
 
+def task_question(text: Any) -> Any:
+    """The task's own question: without the lead-in an environment writes before every task of its domain.
+
+    A played OS record's question is its prompt turn, "Now, I will start a new problem in a new OS. My
+    problem is:" + the task, while an evaluation file holds the task alone; the shared words would also
+    pull every OS question toward every other. Matched on words, so case and punctuation variants go too."""
+    if not isinstance(text, str):
+        return text
+    match = _lead_in().match(text)
+    return text[match.end():] if match else text
+
+
+@functools.lru_cache(maxsize=1)
+def _lead_in() -> re.Pattern[str]:
+    from cmat_pipeline.envs.os_interaction import NEW_PROBLEM
+
+    # Any spacing and punctuation between the words, then the colon and blank lines, not the task's first character.
+    return re.compile(r"\W*" + r"\W+".join(re.findall(r"\w+", NEW_PROBLEM)) + r"\s*:?\s*", re.IGNORECASE)
+
+
 def normalize_question(text: Any) -> str:
-    """Lower case, punctuation dropped, whitespace collapsed: the key for exact-duplicate and
-    evaluation-overlap checks (so "How many rows?" and "how many rows" collide)."""
+    """The task's question (`task_question`), lower case, punctuation dropped, whitespace collapsed: the key
+    for exact-duplicate and evaluation-overlap checks (so "How many rows?" and "how many rows" collide)."""
+    text = task_question(text)
     if not isinstance(text, str):
         return ""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -152,14 +174,20 @@ def role_problem(messages: Any) -> str | None:
     return None
 
 
-def _parse_problem(messages: list[dict[str, str]], kind_of: Any, valid: tuple[str, ...], name: str) -> str | None:
+def action_turns(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(index, content) of the assistant's own turns: its decisions, after the fixed protocol turns (the
+    prompt's "Ok." and the one-shot example's replies, the same in every conversation of a domain)."""
     from cmat_pipeline.chat_format import fixed_protocol_turns
 
-    for i in range(fixed_protocol_turns(messages), len(messages)):  # protocol turns ("Ok.", one-shot) are not actions
-        if messages[i]["role"] == "assistant":
-            kind = kind_of(messages[i]["content"])
-            if kind not in valid:
-                return f"message {i}: assistant turn does not parse as an AgentBench {name} action ({kind})"
+    return [(i, messages[i].get("content", "")) for i in range(fixed_protocol_turns(messages), len(messages))
+            if messages[i].get("role") == "assistant"]
+
+
+def _parse_problem(messages: list[dict[str, str]], kind_of: Any, valid: tuple[str, ...], name: str) -> str | None:
+    for i, content in action_turns(messages):
+        kind = kind_of(content)
+        if kind not in valid:
+            return f"message {i}: assistant turn does not parse as an AgentBench {name} action ({kind})"
     return None
 
 

@@ -170,6 +170,11 @@ class OSTask:
     def question(self) -> str:
         return NEW_PROBLEM + self.description
 
+    @property
+    def type(self) -> str:
+        """The task type the cmat User's curriculum and long-term memory group OS tasks under."""
+        return "os"
+
     def initial_messages(self) -> list[dict[str, str]]:
         first = {"role": "user", "content": INSTRUCTION + "Now, my problem is:\n\n" + ONE_SHOT[0]["content"]}
         return [first, *(dict(m) for m in ONE_SHOT[1:]), {"role": "user", "content": self.question}]
