@@ -99,6 +99,7 @@ def load_db_pool(params: Params) -> list[dict[str, Any]]:
 def load_os_pool(params: Params) -> list[dict[str, Any]]:
     """AgentBench os_interaction training tasks as pool entries {"domain": "os", "type": ["os"], "task": OSTask}.
     Unsupported tasks (a script file that is not shipped) and copies of an evaluation task are left out, counted."""
+    from cmat_pipeline.data.records import normalize_question
     from cmat_pipeline.envs.os_interaction import load_os_tasks
 
     source, evaluation = Path(params.cmat.os_tasks), Path(params.os.tasks)
@@ -106,12 +107,12 @@ def load_os_pool(params: Params) -> list[dict[str, Any]]:
         raise DataError(f"{source}: OS task pool not found (cmat.os_tasks)")
     if source.resolve() == evaluation.resolve() or "standard" in source.name:
         raise ConfigError(f"cmat.os_tasks: {source} is an evaluation split (os.tasks); CMAT trains on training tasks only")
-    held_out = ({" ".join(t.description.split()) for t in load_os_tasks(evaluation, params.os.scripts_dir)}
+    held_out = ({normalize_question(t.description) for t in load_os_tasks(evaluation, params.os.scripts_dir)}
                 if evaluation.is_file() else set())
     tasks = load_os_tasks(source)
     playable = [t for t in tasks if not t.unsupported]
     entries = [{"domain": "os", "type": ["os"], "task": t} for t in playable
-               if " ".join(t.description.split()) not in held_out]
+               if normalize_question(t.description) not in held_out]
     if not entries:
         raise DataError(f"{source}: holds no playable OS task for the User to pose")
     log.info("cmat: OS task pool %s: %d tasks; %d unsupported here, %d also in the evaluation split %s", source,

@@ -363,7 +363,7 @@ def os_params(tiny_model_dir, sft_adapter, task_file, tmp_path) -> Params:
     pool, held_out = tmp_path / "os_training.json", tmp_path / "os_dev.json"
     pool.write_text(json.dumps([_os_task("How many files are in ~/exp?", 3),
                                 _os_task("Count the files in the exp folder of your home.", 2)]))
-    held_out.write_text(json.dumps([_os_task("Count the files in the  exp folder of your home.", 2)]))
+    held_out.write_text(json.dumps([_os_task("count the files in the  exp folder of your home", 2)]))
     params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", domains=["os"],
                          os_tasks=str(pool), memory=True)
     params.os.tasks = str(held_out)
@@ -371,14 +371,14 @@ def os_params(tiny_model_dir, sft_adapter, task_file, tmp_path) -> Params:
 
 
 def test_os_tasks_are_played_in_the_sandbox_with_the_shell_checker_in_the_loop(os_params):
-    from cmat_pipeline.cmat.memory import OS_LESSONS
+    from cmat_pipeline.cmat.memory import LESSONS
     from tests.conftest import require_bwrap
 
     require_bwrap()
     recipe = CMATRecipe(os_params, progress=False)
     recipe.setup()
     try:
-        # The evaluation split's task (same description, spacing aside) is not in the pool.
+        # The evaluation split's task (same description, case, spacing and punctuation aside) is not in the pool.
         assert [e["task"].description for e in recipe.pool] == ["How many files are in ~/exp?"]
         assert recipe.backend is None  # no database without dbbench tasks
         recipe.policy = Scripted(bash("rm -rf /"), bash("ls ~/exp | wc -l"), "Think: done.\n\nAct: answer(3)")
@@ -397,7 +397,7 @@ def test_os_tasks_are_played_in_the_sandbox_with_the_shell_checker_in_the_loop(o
     assert corrected_turns(result) == [1]  # the command accepted after the veto is eq. 8's target
     assert turn_rewards(result, recipe.cfg) == [-0.5, 0.0, 1.0]
     # The vetoed episode leaves the OS lesson for its issue; the update trains on the OS conversation.
-    assert lessons == {"self": 0, "template": 1} and stored[0][1] == OS_LESSONS["destructive"]
+    assert lessons == {"self": 0, "template": 1} and stored[0][1] == LESSONS["os"]["destructive"]
     assert stats["episodes_trained"] == 1 and stats["corrected_turns"] == 1
 
 

@@ -92,25 +92,10 @@ def prompt_with_lessons(task, memory: "ReflectionMemory | None", k: int) -> list
     return messages
 
 
-OS_LESSONS = {  # the shell Checker's issues (cmat/osbench_checker.py)
-    "format": "Reply with 'Think: ...' and then one of 'Act: bash' with a ```bash block, 'Act: finish' or 'Act: answer(...)'.",
-    "premature_answer": "Run a command and read its output before answering.",
-    "empty_command": "Put the command in a ```bash block right after 'Act: bash'.",
-    "parse_error": "Close every quote in the bash code.",
-    "destructive": "Never delete or overwrite system files or whole folders; change only what the task names.",
-}
-
-
-def template_reflection(issues: list[str], outcome: str | None, domain: str = "db") -> str:
-    """A lesson from what went wrong, for when the Assistant's own reflection is unusable."""
-    if domain == "os":
-        found = [OS_LESSONS[issue] for issue in issues if issue in OS_LESSONS]
-        if found:
-            return found[0]
-        if outcome == "task_limit_exceeded":
-            return "Answer as soon as a command prints the result; do not keep exploring."
-        return "Check the command's output against the question before answering."
-    lessons = {
+# Per domain: a lesson for each Checker issue (cmat/checker.py, cmat/osbench_checker.py), then one for hitting
+# the round limit, then the fallback.
+LESSONS = {
+    "db": {
         "format": "Always end with 'Action: Operation' and one ```sql block, or 'Action: Answer' and 'Final Answer: [...]'.",
         "unknown_table": "Use the exact table name from the task, in backticks.",
         "unknown_column": "Use the exact column names from the headers, in backticks.",
@@ -119,10 +104,26 @@ def template_reflection(issues: list[str], outcome: str | None, domain: str = "d
         "answer_format": "Write the final answer as a list, e.g. Final Answer: [\"x\"].",
         "dry_run_error": "Check the SQL syntax before running it.",
         "parse_error": "Write one valid MySQL statement per turn.",
-    }
+        "task_limit_exceeded": "Answer as soon as a query gives the result; do not keep querying.",
+        None: "Check each result against the question before answering.",
+    },
+    "os": {
+        "format": "Reply with 'Think: ...' and then one of 'Act: bash' with a ```bash block, 'Act: finish' or 'Act: answer(...)'.",
+        "premature_answer": "Run a command and read its output before answering.",
+        "empty_command": "Put the command in a ```bash block right after 'Act: bash'.",
+        "parse_error": "Close every quote in the bash code.",
+        "destructive": "Never delete or overwrite system files or whole folders; change only what the task names.",
+        "task_limit_exceeded": "Answer as soon as a command prints the result; do not keep exploring.",
+        None: "Check the command's output against the question before answering.",
+    },
+}
+
+
+def template_reflection(issues: list[str], outcome: str | None, domain: str = "db") -> str:
+    """A lesson from what went wrong, for when the Assistant's own reflection is unusable: the first issue
+    with a lesson, else the round limit's, else the domain's fallback."""
+    lessons = LESSONS[domain]
     for issue in issues:
         if issue in lessons:
             return lessons[issue]
-    if outcome == "task_limit_exceeded":
-        return "Answer as soon as a query gives the result; do not keep querying."
-    return "Check each result against the question before answering."
+    return lessons["task_limit_exceeded"] if outcome == "task_limit_exceeded" else lessons[None]
