@@ -158,8 +158,7 @@ def text_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, f
 def build_policy(params: Params, examples: Sequence[dict[str, Any]]) -> Policy:
     from cmat_pipeline.runtime.evaluation import section_policy
 
-    cfg = params.checker_eval
-    return section_policy(params, cfg.policy, cfg.adapter, copy=lambda: CopyPolicy(examples))
+    return section_policy(params, "checker_eval", copy=lambda: CopyPolicy(examples))
 
 
 # ------------------------------------------------------------------------------------- the stage

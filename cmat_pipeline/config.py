@@ -250,9 +250,10 @@ class FilterConfig:
     near_duplicate_threshold: float = 0.9
     """Estimated Jaccard similarity (MinHash over word 3-grams) at or above which a later sample is a near-duplicate."""
     decontaminate: list[str] = field(default_factory=lambda: [
-        f"{AGENTBENCH_DIR}/dbbench/dev.jsonl", f"{AGENTBENCH_DIR}/os_interaction/dev.json"])
-    """Every evaluation task file: samples whose question or table matches one of their tasks are quarantined.
-    Add standard.jsonl here when you have it; files that do not exist are an error, not skipped."""
+        f"{AGENTBENCH_DIR}/dbbench/dev.jsonl", f"{AGENTBENCH_DIR}/os_interaction/dev.json", "kg:generated"])
+    """Every evaluation task file (dbbench, os_interaction or AgentBench KG): samples whose question or table
+    matches one of their tasks are quarantined; `kg:generated` stands for evaluate-kg's questions over the
+    embedded graph. Add standard.jsonl here when you have it; files that do not exist are an error, not skipped."""
     decontamination_threshold: float = 0.8
     """Estimated Jaccard of question 3-grams at or above which a sample counts as a copy of an evaluation question."""
     out_dir: str = "artifacts/data/filtered"
@@ -725,8 +726,9 @@ class OSConfig:
     """Docker CLI (or a compatible one such as podman)."""
     policy: Literal["model", "oracle", "openai"] = "model"
     """Who plays in `evaluate-os`: `model` (model.dir + os.adapter), `oracle` (the tasks' example solutions), `openai`."""
-    adapter: str = ""
-    """PEFT adapter on top of model.dir for the `model` policy (e.g. artifacts/cmat); '' = the base model."""
+    adapter: str = "artifacts/cmat"
+    """PEFT adapter on top of model.dir for the `model` policy (default: the `cmat` stage's actor, as
+    `evaluate.adapter`); '' = the base model."""
     limit: int = 0
     """Evaluate only the first N tasks (0 = all)."""
     out_dir: str = "artifacts/eval_os"
@@ -763,8 +765,9 @@ class KGConfig:
     policy: Literal["model", "oracle", "openai"] = "model"
     """Who plays in `evaluate-kg`: `model` (model.dir + kg.adapter), `oracle` (each question's recorded `actions`:
     the generated questions have them), `openai`."""
-    adapter: str = ""
-    """PEFT adapter on top of model.dir for the `model` policy (e.g. artifacts/cmat); '' = the base model."""
+    adapter: str = "artifacts/cmat"
+    """PEFT adapter on top of model.dir for the `model` policy (default: the `cmat` stage's actor, as
+    `evaluate.adapter`); '' = the base model."""
     limit: int = 0
     """Evaluate only the first N questions (0 = all)."""
     out_dir: str = "artifacts/eval_kg"

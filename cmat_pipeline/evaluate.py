@@ -34,7 +34,7 @@ def build_policy(params: Params, tasks: Sequence[DBTask]) -> Policy:
 
         return build_smoa_policy(params, tasks)
 
-    return section_policy(params, params.evaluate.policy, params.evaluate.adapter, oracle=oracle, smoa=smoa)
+    return section_policy(params, "evaluate", oracle=oracle, smoa=smoa)
 
 
 def play(tasks: Sequence[DBTask], policy: Policy, backend: SQLBackend, max_rounds: int, concurrency: int,

@@ -43,7 +43,7 @@ def kg_tasks(cfg: KGConfig) -> list[KGTask]:
 def build_kg_policy(params: Params, tasks: list[KGTask]) -> Policy:
     """The policy `kg.policy` names (the oracle needs every question's `actions`)."""
     cfg = params.kg
-    return section_policy(params, cfg.policy, cfg.adapter, oracle=lambda: KGOraclePolicy(tasks, task_source(cfg)))
+    return section_policy(params, "kg", oracle=lambda: KGOraclePolicy(tasks, task_source(cfg)))
 
 
 def evaluate_kg(params: Params, policy: Policy | None = None, progress: bool = True) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from cmat_pipeline.runtime.rollout import run_episodes
 
 def build_os_policy(params: Params, tasks: Sequence[OSTask]) -> Policy:
     """The policy `os.policy` names."""
-    return section_policy(params, params.os.policy, params.os.adapter, oracle=lambda: ExampleOraclePolicy(tasks))
+    return section_policy(params, "os", oracle=lambda: ExampleOraclePolicy(tasks))
 
 
 def start_episode(task: OSTask, cfg: OSConfig, policy: Any = None, episode_cls: type = OSEpisode,

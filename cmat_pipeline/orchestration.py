@@ -36,9 +36,9 @@ from typing import Any
 from cmat_pipeline.errors import CmatError, ConfigError
 
 STAGES = ["prepare-model", "collect", "filter", "augment", "distill", "general", "mix", "sft", "cmat", "evaluate",
-          "report"]
+          "evaluate-os", "evaluate-kg", "report"]
 """`cmat <stage>` commands in pipeline order; the DAG makes one task per entry."""
-GPU_STAGES = frozenset({"general", "sft", "cmat", "evaluate"})
+GPU_STAGES = frozenset({"general", "sft", "cmat", "evaluate", "evaluate-os", "evaluate-kg"})
 """Stages that run a model: on Kubernetes they get a GPU pod, elsewhere nothing changes."""
 ADAPTER_SECTIONS = ("cmat", "sft")
 """Params sections whose out_dir holds the run's final adapter, latest tuning stage first."""
@@ -46,7 +46,8 @@ ADAPTER_SECTIONS = ("cmat", "sft")
 STAGE_OUTPUTS = {"prepare-model": (), "collect": ("collect.out_dir",), "filter": ("filter.out_dir",),
                  "augment": ("augment.out_dir",), "distill": ("distill.out_dir",), "general": ("mix.general_dir",),
                  "mix": ("mix.out_dir",), "sft": ("sft.out_dir",), "cmat": ("cmat.out_dir",),
-                 "evaluate": ("evaluate.out_dir",), "report": ("report.out_dir",)}
+                 "evaluate": ("evaluate.out_dir",), "evaluate-os": ("os.out_dir",), "evaluate-kg": ("kg.out_dir",),
+                 "report": ("report.out_dir",)}
 """What each stage leaves in the workspace (params keys), pushed to the registry as the stage's checkpoint when
 CMAT_REGISTRY is set. prepare-model pushes only its record: the model is rebuilt from $CMAT_CACHE in seconds."""
 
@@ -385,6 +386,9 @@ def run_artifacts(workspace: Path) -> dict[str, Any]:
                                  "report": evaluation, "metrics": {"evaluate.json": evaluation / "metrics.json"}}
     if (workspace / "dvc.lock").is_file():
         artifacts["dvc_lock"] = workspace / "dvc.lock"
+    for section, name in (("os", "evaluate_os.json"), ("kg", "evaluate_kg.json")):  # when those stages ran
+        if (workspace / getattr(params, section).out_dir / "metrics.json").is_file():
+            artifacts["metrics"][name] = workspace / getattr(params, section).out_dir / "metrics.json"
     for section in ADAPTER_SECTIONS:
         out_dir = getattr(getattr(params, section, None), "out_dir", None)
         if out_dir and (workspace / out_dir).is_dir() and any((workspace / out_dir).iterdir()):

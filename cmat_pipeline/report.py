@@ -1,4 +1,4 @@
-"""`report` stage: the run's sft, cmat and evaluate results as small git-tracked files (after `evaluate`).
+"""`report` stage: the run's sft, cmat and evaluation results as small git-tracked files (after the evaluations).
 
 Run it:
     python -m cmat_pipeline.report                   # reads params.yaml
@@ -6,7 +6,8 @@ Run it:
 sft.out_dir and cmat.out_dir are DVC-cached folders: a clone without the cache has neither their metrics.json
 nor their plots. This stage copies what `dvc metrics diff` and `dvc plots diff` compare into report.out_dir,
 which dvc.yaml declares `cache: false` (committed to git, so any clone can diff it):
-    metrics.json         {"sft": ..., "cmat": ..., "evaluate": ...}: the numbers of each stage's metrics.json
+    metrics.json         {"sft": ..., "cmat": ..., "evaluate": ..., "os": ..., "kg": ...}: the numbers of each
+                         stage's metrics.json (evaluate = DB dev, os = evaluate_os, kg = evaluate_kg)
                          (nested mappings kept; strings, flags and lists such as cmat's history left out)
     plots/sft/*.tsv      train_loss, val_loss, learning_rate per step (sft's plots/)
     plots/cmat/*.tsv     one curve per iteration metric (cmat's plots/)
@@ -24,8 +25,10 @@ from typing import Any
 from cmat_pipeline.config import Params, save_resolved
 from cmat_pipeline.errors import DataError
 
-SECTIONS = ("sft", "cmat", "evaluate")
+SECTIONS = ("sft", "cmat", "evaluate", "os", "kg")
 """metrics.json sections, one per stage read (params section of its out_dir)."""
+STAGE_OF = {"os": "evaluate_os", "kg": "evaluate_kg"}
+"""The dvc.yaml stage behind a section, where the names differ (for the "run it first" errors)."""
 PLOT_X = {"sft": "step", "cmat": "iteration"}
 """Stages whose plots/*.tsv are copied, and the x column their files start with."""
 SFT_PLOTS = ("train_loss", "val_loss", "learning_rate")
@@ -34,6 +37,8 @@ SFT_KEYS = ("method", "steps", "train_loss", "val_loss", "tokens_per_second", "w
 CMAT_KEYS = ("iterations", "episodes", "success_rate_first", "success_rate_last", "wall_seconds")
 CMAT_FINAL_KEYS = ("mean_reward", "veto_rate", "kl")
 EVAL_KEYS = ("tasks", "overall_cat_accuracy", "first_turn_valid_format", "tasks_per_minute", "wall_seconds")
+OS_KEYS = ("tasks", "supported", "accuracy", "accuracy_all_tasks", "first_turn_valid_format", "wall_seconds")
+KG_KEYS = ("tasks", "f1", "em", "executability", "wall_seconds")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class StageOutputs:
     """What the report reads from the run: each stage's metrics.json and its plots."""
 
     metrics: dict[str, dict[str, Any]]
-    """Section (sft, cmat, evaluate) -> its parsed metrics.json."""
+    """Section (sft, cmat, evaluate, os, kg) -> its parsed metrics.json."""
     plots: dict[str, dict[str, str]]
     """Section (sft, cmat) -> {curve name: TSV text} from its plots/ folder."""
 
@@ -63,7 +68,7 @@ def read_outputs(folders: dict[str, Path]) -> StageOutputs:
     naming it and the stage that writes it."""
     metrics, plots = {}, {}
     for section in SECTIONS:
-        metrics[section] = _read_json(folders[section] / "metrics.json", section)
+        metrics[section] = _read_json(folders[section] / "metrics.json", STAGE_OF.get(section, section))
     for section, x in PLOT_X.items():
         folder = folders[section] / "plots"
         names = list(SFT_PLOTS) if section == "sft" else sorted(p.stem for p in folder.glob("*.tsv"))
@@ -128,25 +133,29 @@ def _row(name: str, data: dict[str, Any], keys: tuple[str, ...]) -> str:
 
 
 def render_markdown(metrics: dict[str, dict[str, Any]], base_model: str, adapter: str) -> str:
-    sft, cmat, evaluation = (metrics[s] for s in SECTIONS)
+    sft, cmat, evaluation, os_eval, kg_eval = (metrics[s] for s in SECTIONS)
     final = cmat.get("final") if isinstance(cmat.get("final"), dict) else {}
     cmat_view = {**cmat, **{f"final_{k}": final.get(k) for k in CMAT_FINAL_KEYS}}
     lines = ["# Run report", "",
              f"Base model `{base_model}`; evaluated adapter `{adapter or '(none: the base model)'}` "
              f"(policy `{evaluation.get('policy', 'n/a')}`) on {_fmt(evaluation.get('tasks'))} tasks of "
              f"`{evaluation.get('task_file', 'n/a')}`.", "",
-             f"**overall_cat_accuracy: {_fmt(evaluation.get('overall_cat_accuracy'))}**", "",
+             f"**DB overall_cat_accuracy: {_fmt(evaluation.get('overall_cat_accuracy'))}**; "
+             f"OS accuracy {_fmt(os_eval.get('accuracy'))} ({_fmt(os_eval.get('supported'))} supported tasks); "
+             f"KG F1 {_fmt(kg_eval.get('f1'))}", "",
              "| stage | key metrics |", "|---|---|",
              _row("sft", sft, SFT_KEYS),
              _row("cmat", cmat_view, CMAT_KEYS + tuple(f"final_{k}" for k in CMAT_FINAL_KEYS)),
-             _row("evaluate", evaluation, EVAL_KEYS), ""]
+             _row("evaluate (DB)", evaluation, EVAL_KEYS),
+             _row("evaluate_os", os_eval, OS_KEYS),
+             _row("evaluate_kg", kg_eval, KG_KEYS), ""]
     accuracy = {k.removesuffix("_accuracy"): v for k, v in evaluation.items()
                 if k.endswith("_accuracy") and k != "overall_cat_accuracy"}
     if accuracy:
-        lines += ["| task type | accuracy % |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in accuracy.items()), ""]
+        lines += ["| DB task type | accuracy % |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in accuracy.items()), ""]
     outcomes = evaluation.get("outcomes")
     if isinstance(outcomes, dict) and outcomes:
-        lines += ["| outcome | episodes |", "|---|---|", *(f"| {k} | {v} |" for k, v in outcomes.items()), ""]
+        lines += ["| DB outcome | episodes |", "|---|---|", *(f"| {k} | {v} |" for k, v in outcomes.items()), ""]
     lines += ["Curves: plots/sft/*.tsv (per step), plots/cmat/*.tsv (per iteration); `dvc plots show`."]
     return "\n".join(lines) + "\n"
 
@@ -163,7 +172,7 @@ def write_report(result: Report, out_dir: Path) -> None:
 
 
 def report(params: Params) -> dict[str, Any]:
-    """Read the sft, cmat and evaluate outputs params names, write report.out_dir; returns the metrics."""
+    """Read the sft, cmat and evaluation outputs params names, write report.out_dir; returns the metrics."""
     folders = {section: Path(getattr(params, section).out_dir) for section in SECTIONS}
     result = build_report(read_outputs(folders), params.model.base, params.evaluate.adapter)
     out_dir = Path(params.report.out_dir)

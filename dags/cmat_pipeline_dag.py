@@ -1,8 +1,8 @@
 """Airflow 3 DAG `cmat_pipeline`: the cmat pipeline weekly, one task per stage, then publish and promote.
 
     validate_params -> prepare_model -> collect -> filter -> augment -> distill -> general -> mix -> sft
-                    -> cmat -> evaluate -> report -> publish (S3 registry) -> promote (`production` alias, only if
-                    better)
+                    -> cmat -> evaluate (DB) -> evaluate_os -> evaluate_kg -> report -> publish (S3 registry)
+                    -> promote (`production` alias, only if better on DB)
 
 Every task calls `cmat_pipeline.orchestration`; each run works in its own workspace (code copy + resolved
 params), so runs can overlap (max_active_runs=2, e.g. a backfill beside the weekly run). Stages run as

@@ -273,6 +273,29 @@ def test_filter_keeps_every_kg_training_record_and_still_catches_a_near_copy(tmp
     assert reasons == {"kg-near-copy": [f"near-duplicate: of {records[7]['id']}"]}
 
 
+def test_filter_decontaminates_kg_evaluation_questions_of_the_embedded_graph_and_of_a_task_file(tmp_path):
+    """`kg:generated` in filter.decontaminate stands for evaluate-kg's questions and an AgentBench KG task file is
+    read as one: a copy of either is quarantined, and the training questions (same templates, other entities)
+    all pass."""
+    from cmat_pipeline.collect import collect
+    from cmat_pipeline.data.boundaries import KG_GENERATED
+    from cmat_pipeline.envs.kg import generated_tasks, task_entry
+
+    params = build(Params, {"collect": {"out_dir": str(tmp_path / "raw"), "db_tasks": 0, "kg_tasks": 12}})
+    collect(params, progress=False)
+    records = read_jsonl(tmp_path / "raw" / "trajectories" / "dev.jsonl")
+    evaluation = generated_tasks()
+    eval_copy = dict(copy.deepcopy(records[0]), id="kg-eval-copy", question=evaluation[2].question + "?")
+    task_file = tmp_path / "kg_dev.json"
+    task_file.write_text(json.dumps([dict(task_entry(evaluation[0]), question=records[1]["question"])]))
+    kept, reasons = _filter_rows(records + [eval_copy], [KG_GENERATED, task_file])
+    assert sorted(kept) == sorted(r["id"] for r in records if r is not records[1]), reasons
+    assert reasons == {"kg-eval-copy": [f"evaluation overlap: question of {KG_GENERATED}"],
+                       records[1]["id"]: [f"evaluation overlap: question of {task_file}"]}
+    kept, reasons = _filter_rows(records, [KG_GENERATED])
+    assert len(kept) == 12 and not reasons
+
+
 def test_filter_decontaminates_played_os_tasks_without_their_lead_in():
     """A played OS record's question is the prompt turn, "Now, I will start a new problem in a new OS. My
     problem is:" + the task: the evaluation file holds the task alone, and both overlap checks still match."""

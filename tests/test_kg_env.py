@@ -15,6 +15,7 @@ import pytest
 
 from cmat_pipeline.config import KGConfig
 from cmat_pipeline.envs.dbbench import Outcome
+from cmat_pipeline.errors import ModelPreparationError
 from cmat_pipeline.envs.kg import (EmbeddedSPARQLClient, HTTPSPARQLClient, KGEpisode, KGError, KGOraclePolicy,
                                    KGSession, compute_kg_metrics, demo_graph, demo_store, f1_em, generated_tasks,
                                    graph_triples, load_kg_tasks, make_client, play_kg)
@@ -214,6 +215,10 @@ def test_evaluate_kg_with_a_local_model(tmp_path, tiny_model_dir):
 
     params = _params(tmp_path, policy="model", limit=2, max_rounds=2)
     params.model = ModelConfig(dir=str(tiny_model_dir), device="cpu")
+    params.kg.adapter = str(tmp_path / "no-adapter")  # the default names the cmat stage's actor
+    with pytest.raises(ModelPreparationError, match=r"no-adapter: no PEFT adapter here .* --set kg.adapter=''"):
+        evaluate_kg(params, progress=False)
+    params.kg.adapter = ""
     params.generation = GenerationConfig(max_new_tokens=8, batch_size=2, max_context_tokens=4096)
     metrics = evaluate_kg(params, progress=False)
     assert metrics["policy"].startswith("hf:") and metrics["tasks"] == 2 and metrics["generate_calls"] >= 1

@@ -384,7 +384,7 @@ def test_evaluate_os_with_a_local_model(tmp_path, tiny_model_dir):
 
     params = Params(model=ModelConfig(dir=str(tiny_model_dir), device="cpu"),
                     generation=GenerationConfig(max_new_tokens=8, batch_size=2, max_context_tokens=4096))
-    params.os = OSConfig(policy="model", tasks=str(OS_DEV), limit=4, out_dir=str(tmp_path / "eval_os"))
+    params.os = OSConfig(policy="model", tasks=str(OS_DEV), limit=4, out_dir=str(tmp_path / "eval_os"), adapter="")
     metrics = evaluate_os(params, progress=False)
     assert metrics["policy"].startswith("hf:") and metrics["supported"] == 3 and metrics["unsupported"] == 1
     assert sum(metrics["outcomes"].values()) == 3 and metrics["generate_calls"] >= 1

@@ -576,6 +576,8 @@ def test_a_run_publishes_its_dvc_lock_and_pull_fetches_it(registry, tmp_path, s3
                       "artifacts/eval/metrics.json": json.dumps({"overall_cat_accuracy": 25.0, "tasks": 4}),
                       "artifacts/eval/trajectories.jsonl": "{}\n", "artifacts/eval/report.md": "# eval\n",
                       "artifacts/eval/report.png": "png", "artifacts/eval/resolved_params.yaml": "{}\n",
+                      "artifacts/eval_os/metrics.json": json.dumps({"tasks": 2, "supported": 2, "accuracy": 50.0}),
+                      "artifacts/eval_kg/metrics.json": json.dumps({"tasks": 2, "f1": 10.0}),
                       ".cmat/stages/evaluate.json": '{"stage": "evaluate", "returncode": 0}',
                       ".cmat/stages/sft.json": '{"stage": "sft", "returncode": 1}'}.items():  # a failed attempt
         (workspace / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,16 @@ def eval_metrics(accuracy: float) -> dict:
             "task_file": "../shared/agentbench/dbbench/dev.jsonl", "wall_seconds": 3.5}
 
 
+OS_METRICS = {"tasks": 26, "supported": 23, "accuracy": 8.7, "accuracy_all_tasks": 7.69, "first_turn_valid_format": 100.0,
+              "outcomes": {"completed": 12}, "policy": "hf:artifacts/model+artifacts/cmat", "driver": "bwrap",
+              "wall_seconds": 501.0}
+KG_METRICS = {"tasks": 7, "f1": 14.29, "em": 0.0, "executability": 28.57, "endpoint": "embedded", "wall_seconds": 40.0}
+
+
 def fake_run(root: Path, accuracy: float = 33.3) -> dict[str, Path]:
-    """sft, cmat and evaluate output folders as those stages leave them (metrics.json, plots/*.tsv)."""
-    folders = {"sft": root / "sft", "cmat": root / "cmat", "evaluate": root / "eval"}
+    """sft, cmat, evaluate, evaluate_os and evaluate_kg output folders as those stages leave them."""
+    folders = {"sft": root / "sft", "cmat": root / "cmat", "evaluate": root / "eval", "os": root / "eval_os",
+               "kg": root / "eval_kg"}
     for folder in folders.values():
         (folder / "plots").mkdir(parents=True, exist_ok=True)
     (folders["sft"] / "metrics.json").write_text(json.dumps(SFT_METRICS))
@@ -51,6 +58,8 @@ def fake_run(root: Path, accuracy: float = 33.3) -> dict[str, Path]:
         rows = "".join(f"{h['iteration']}\t{h[name]}\n" for h in CMAT_HISTORY)
         (folders["cmat"] / "plots" / f"{name}.tsv").write_text(f"iteration\t{name}\n{rows}")
     (folders["evaluate"] / "metrics.json").write_text(json.dumps(eval_metrics(accuracy)))
+    (folders["os"] / "metrics.json").write_text(json.dumps(OS_METRICS))
+    (folders["kg"] / "metrics.json").write_text(json.dumps(KG_METRICS))
     return folders
 
 
@@ -62,14 +71,19 @@ def test_build_report_keeps_numbers_per_stage_and_curves_as_plots(tmp_path):
         "cmat": {"iterations": 2, "episodes": 8, "success_rate_first": 0.0, "success_rate_last": 0.5,
                  "final": {"mean_reward": 0.4, "veto_rate": 0.25, "kl": 0.01}},
         "evaluate": {"tasks": 6, "SELECT_accuracy": 33.3, "INSERT_accuracy": 50.0, "overall_cat_accuracy": 33.3,
-                     "outcomes": {"completed": 5, "invalid_format": 1}, "wall_seconds": 3.5}}
+                     "outcomes": {"completed": 5, "invalid_format": 1}, "wall_seconds": 3.5},
+        "os": {"tasks": 26, "supported": 23, "accuracy": 8.7, "accuracy_all_tasks": 7.69,
+               "first_turn_valid_format": 100.0, "outcomes": {"completed": 12}, "wall_seconds": 501.0},
+        "kg": {"tasks": 7, "f1": 14.29, "em": 0.0, "executability": 28.57, "wall_seconds": 40.0}}
     assert sorted(result.plots) == ["plots/cmat/mean_reward.tsv", "plots/cmat/success_rate.tsv",
                                     "plots/sft/learning_rate.tsv", "plots/sft/train_loss.tsv",
                                     "plots/sft/val_loss.tsv"]
     assert result.plots["plots/cmat/mean_reward.tsv"] == "iteration\tmean_reward\n1\t0.1\n2\t0.4\n"
     md = result.markdown
     assert "Base model `tiny-random`" in md and "adapter `artifacts/cmat`" in md
-    assert "**overall_cat_accuracy: 33.3**" in md and "| SELECT | 33.3 |" in md and "| invalid_format | 1 |" in md
+    assert "**DB overall_cat_accuracy: 33.3**" in md and "| SELECT | 33.3 |" in md and "| invalid_format | 1 |" in md
+    assert "OS accuracy 8.7 (23 supported tasks); KG F1 14.29" in md
+    assert "| evaluate_os | tasks 26, supported 23, accuracy 8.7" in md and "| evaluate_kg | tasks 7, f1 14.29" in md
     assert "| sft | method lora, steps 4, train_loss 1.5, val_loss 1.75" in md
     assert "success_rate_last 0.5" in md and "final_kl 0.01" in md
     assert "(none: the base model)" in build_report(read_outputs(fake_run(tmp_path)), "m", "").markdown
@@ -79,7 +93,7 @@ def test_cmat_report_writes_git_files_and_replaces_stale_plots(tmp_path, capsys)
     folders = fake_run(tmp_path / "run")
     out = tmp_path / "report"
     args = ["report", "--params", str(REPO / "params.yaml"), "--set", f"report.out_dir={out}",
-            *(f"--set={s}.out_dir={folders[s]}" for s in ("sft", "cmat", "evaluate"))]
+            *(f"--set={s}.out_dir={folders[s]}" for s in ("sft", "cmat", "evaluate", "os", "kg"))]
     (out / "plots/cmat").mkdir(parents=True)
     (out / "plots/cmat/gone.tsv").write_text("iteration\tgone\n")  # a curve an earlier cmat run had
     assert cli.main(args) == 0
@@ -89,7 +103,7 @@ def test_cmat_report_writes_git_files_and_replaces_stale_plots(tmp_path, capsys)
                      "plots/sft/learning_rate.tsv", "plots/sft/train_loss.tsv", "plots/sft/val_loss.tsv",
                      "report.md", "resolved_params.yaml"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"sft", "cmat", "evaluate"} and "history" not in metrics["cmat"]
+    assert set(metrics) == {"sft", "cmat", "evaluate", "os", "kg"} and "history" not in metrics["cmat"]
     assert yaml.safe_load((out / "resolved_params.yaml").read_text())["report"]["out_dir"] == str(out)
 
 
@@ -99,6 +113,8 @@ def test_cmat_report_writes_git_files_and_replaces_stale_plots(tmp_path, capsys)
     ("cmat/metrics.json", r"cmat/metrics.json: no such file; run the cmat stage first"),
     ("cmat/plots", r"cmat/plots: no plots/\*.tsv; run the cmat stage first"),
     ("eval/metrics.json", r"eval/metrics.json: no such file; run the evaluate stage first"),
+    ("eval_os/metrics.json", r"eval_os/metrics.json: no such file; run the evaluate_os stage first"),
+    ("eval_kg/metrics.json", r"eval_kg/metrics.json: no such file; run the evaluate_kg stage first"),
 ])
 def test_a_missing_input_names_the_file_and_its_stage(tmp_path, broken, fragment):
     folders = fake_run(tmp_path)

@@ -28,23 +28,40 @@ class EvalIndex:
 
     @classmethod
     def from_files(cls, files: Sequence[str]) -> "EvalIndex":
-        from cmat_pipeline.data.importers import import_agentbench_tasks
-
+        """Index filter.decontaminate's entries: dbbench, os_interaction and AgentBench KG task files, and
+        `kg:generated` (the embedded graph's evaluation questions, what `evaluate-kg` asks by default)."""
         index = cls()
         for path in files:
-            if not Path(path).exists():
-                raise DataError(f"{path}: evaluation task file for decontamination not found (filter.decontaminate); "
-                                "remove it from the list or point it at the file")
-            for entry in import_agentbench_tasks(path):
-                index.question_keys.setdefault(normalize_question(entry["question"]), str(path))
-                index.questions.append((entry["question"], str(path)))
-                key = table_key(entry.get("task"))
+            for question, task in _evaluation_entries(str(path)):
+                index.question_keys.setdefault(normalize_question(question), str(path))
+                index.questions.append((question, str(path)))
+                key = table_key(task)
                 if key:
                     index.table_keys.setdefault(key, str(path))
         return index
 
     def frozen_keys(self) -> frozenset[str]:
         return frozenset(self.question_keys)
+
+
+KG_GENERATED = "kg:generated"
+"""filter.decontaminate entry for the embedded graph's evaluation questions (not a file)."""
+
+
+def _evaluation_entries(path: str) -> list[tuple[str, Any]]:
+    """(question, task entry or None) of one filter.decontaminate entry."""
+    from cmat_pipeline.envs.kg import generated_tasks, is_kg_task_file, load_kg_tasks
+
+    if path == KG_GENERATED:
+        return [(t.question, None) for t in generated_tasks()]
+    if not Path(path).exists():
+        raise DataError(f"{path}: evaluation task file for decontamination not found (filter.decontaminate); "
+                        f"remove it from the list or point it at the file")
+    if is_kg_task_file(path):
+        return [(t.question, None) for t in load_kg_tasks(path)]
+    from cmat_pipeline.data.importers import import_agentbench_tasks
+
+    return [(e["question"], e.get("task")) for e in import_agentbench_tasks(path)]
 
 
 def table_key(task: Any) -> str | None:

@@ -342,6 +342,20 @@ def task_from_entry(entry: Any, index: int, where: str) -> KGTask:
     return KGTask(index, entry["question"], dict(entities), answers, tuple(entry.get("actions", ())))
 
 
+def is_kg_task_file(path: str | Path) -> bool:
+    """Whether a .json file looks like AgentBench's KG task format (its first entry has `question` and `answer`
+    and none of dbbench's `table` or os_interaction's `description`); unreadable files are not."""
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    first = items[0] if isinstance(items, list) and items else None
+    return isinstance(first, dict) and {"question", "answer"} <= first.keys() and not {"table", "description"} & first.keys()
+
+
 def load_kg_tasks(path: str | Path, limit: int = 0) -> list[KGTask]:
     """AgentBench's KG task file (a .json list of {question, entities, answer: [{answer_argument}]})."""
     path = Path(path)

@@ -1,7 +1,7 @@
 """What the evaluation commands (`evaluate`, `evaluate-os`, `evaluate-kg`, `checker-eval`) share: the policy a
 params section names, and the output folder every evaluation writes.
 
-    policy = section_policy(params, cfg.policy, cfg.adapter, oracle=lambda: KGOraclePolicy(tasks))
+    policy = section_policy(params, "kg", oracle=lambda: KGOraclePolicy(tasks))
     write_eval_outputs(Path(cfg.out_dir), params, metrics, results, report_markdown)
 
 Used as a library only (no command of its own).
@@ -17,9 +17,12 @@ from cmat_pipeline.config import Params, save_resolved
 from cmat_pipeline.runtime.policy import Policy
 
 
-def section_policy(params: Params, kind: str, adapter: str, **own: Callable[[], Policy]) -> Policy:
-    """`own[kind]()` for a kind only this command has (an oracle, `smoa`, `copy`); `openai`: the `openai`
-    endpoint; anything else: the local model in model.dir with `adapter` ('' = the base model)."""
+def section_policy(params: Params, section: str, **own: Callable[[], Policy]) -> Policy:
+    """The policy params.<section>.policy names: `own[kind]()` for a kind only this command has (an oracle,
+    `smoa`, `copy`); `openai`: the `openai` endpoint; anything else: the local model in model.dir with
+    params.<section>.adapter ('' = the base model)."""
+    cfg = getattr(params, section)
+    kind, adapter = cfg.policy, cfg.adapter
     if kind in own:
         return own[kind]()
     if kind == "openai":
@@ -29,7 +32,7 @@ def section_policy(params: Params, kind: str, adapter: str, **own: Callable[[], 
     from cmat_pipeline.runtime.policy import HFPolicy
 
     return HFPolicy(params.model.dir, params.generation, adapter=adapter, device=params.model.device,
-                    dtype=params.model.dtype)
+                    dtype=params.model.dtype, adapter_key=f"{section}.adapter")
 
 
 def write_eval_outputs(out: Path, params: Params, metrics: dict[str, Any], results: Sequence[dict[str, Any]],

@@ -164,7 +164,8 @@ class HFPolicy:
     """A local causal LM, batched."""
 
     def __init__(self, model_dir: str, gen: GenerationConfig, adapter: str = "", device: str = "auto",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", adapter_key: str = "evaluate.adapter"):
+        """`adapter_key`: the params key `adapter` came from, named when it holds no adapter."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,7 +184,7 @@ class HFPolicy:
 
             if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
                 raise ModelPreparationError(f"{adapter}: no PEFT adapter here (adapter_config.json); run the stage that writes it "
-                                            "(`cmat sft`, `cmat cmat`) or evaluate the base model with --set evaluate.adapter=''")
+                                            f"(`cmat sft`, `cmat cmat`) or use the base model with --set {adapter_key}=''")
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(self.device).eval()
         self.prefix_cache = PrefixCache()
