@@ -180,7 +180,7 @@ class EvaluateConfig:
 
 
 AGENTBENCH_DIR = "../shared/agentbench"
-CMAT_DOMAINS = ("db", "os")  # environments the cmat stage can tune in
+CMAT_DOMAINS = ("db", "os", "kg")  # environments the cmat stage can tune in
 
 
 def _check_rate(value: float, key: str) -> None:
@@ -520,15 +520,21 @@ class CMATConfig:
     init_adapter: str = "artifacts/sft"
     """The SFT LoRA adapter the actor starts from (and the frozen KL reference); '' starts a new LoRA on model.dir."""
     domains: list[str] = field(default_factory=lambda: ["db"])
-    """Environments the User poses tasks from: `db` (the dbbench pool, cmat.tasks) and/or `os` (AgentBench
+    """Environments the User poses tasks from: `db` (the dbbench pool, cmat.tasks), `os` (AgentBench
     os_interaction training tasks, cmat.os_tasks, each played in a fresh sandbox per the `os` section with the
-    shell Checker in the loop). The curriculum weighs the task types of every domain together."""
+    shell Checker in the loop) and/or `kg` (KG questions, cmat.kg_tasks, over the `kg` section's store with the
+    KG Checker in the loop). The curriculum weighs the task types of every domain together."""
     tasks: str = ""
     """Task pool: '' = the dbbench tasks of mix.out_dir/train.jsonl (curated, decontaminated); or a dbbench file.
     Evaluation splits are refused."""
     os_tasks: str = f"{AGENTBENCH_DIR}/os_interaction/training.json"
     """OS task pool (domains: os): an AgentBench os_interaction file of training tasks. os.tasks (the OS
     evaluation split) is refused, and pool tasks whose description is also an evaluation task's are left out."""
+    kg_tasks: str = ""
+    """KG question pool (domains: kg): '' = the embedded graph's 53 training questions (needs kg.endpoint ''), or
+    an AgentBench-format KG file of training questions for kg.endpoint. kg.tasks (or the generated evaluation
+    questions) is refused, and its questions are left out of the pool. Questions with `actions` also get the
+    Checker's corrections."""
     iterations: int = 2
     """Rollout + update rounds."""
     episodes: int = 16

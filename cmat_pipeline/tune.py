@@ -8,7 +8,7 @@ Run it:
 
 Each iteration:
   1. the User samples `cmat.episodes` training tasks (cmat.domains: dbbench tasks of mix.out_dir/train.jsonl,
-     AgentBench OS training tasks in a sandbox; curriculum by success);
+     AgentBench OS training tasks in a sandbox, KG questions over a SPARQL store; curriculum by success);
   2. the Assistant (actor) plays them, batched: every active episode's turn in one `generate` call; the
      Checker verifies each action before it runs (a veto blocks it, shows the feedback, costs veto_reward);
      recalled lessons from long-term memory lead each question;
@@ -56,8 +56,8 @@ PLOTTED = ("mean_reward", "success_rate", "value_loss", "kl", "clip_fraction", "
 
 def load_task_pool(params: Params) -> list[dict[str, Any]]:
     """Every task the User may pose, from each of cmat.domains: never an evaluation split."""
-    pool = load_db_pool(params) if "db" in params.cmat.domains else []
-    return pool + (load_os_pool(params) if "os" in params.cmat.domains else [])
+    loaders = {"db": load_db_pool, "os": load_os_pool, "kg": load_kg_pool}
+    return [entry for domain in loaders if domain in params.cmat.domains for entry in loaders[domain](params)]
 
 
 def load_db_pool(params: Params) -> list[dict[str, Any]]:
@@ -120,6 +120,31 @@ def load_os_pool(params: Params) -> list[dict[str, Any]]:
     return entries
 
 
+def load_kg_pool(params: Params) -> list[dict[str, Any]]:
+    """KG training questions as pool entries {"domain": "kg", "type": ["kg"], "task": KGTask}: the embedded graph's
+    training questions (cmat.kg_tasks '') or a KG task file, without any question of the KG evaluation."""
+    from cmat_pipeline.data.records import normalize_question
+    from cmat_pipeline.envs.kg import generated_tasks, load_kg_tasks, training_tasks
+
+    source, evaluation = params.cmat.kg_tasks, params.kg.tasks
+    if not source and params.kg.endpoint:
+        raise ConfigError(f"cmat.kg_tasks: '' poses the embedded graph's questions, but kg.endpoint is "
+                          f"{params.kg.endpoint}; set cmat.kg_tasks to a KG training file for that endpoint")
+    if source and ((evaluation and Path(source).resolve() == Path(evaluation).resolve())
+                   or Path(source).stem in ("dev", "std", "test") or "standard" in Path(source).name):
+        raise ConfigError(f"cmat.kg_tasks: {source} is an evaluation split (kg.tasks, or AgentBench's dev/std); "
+                          "CMAT trains on training questions only")
+    held_out = load_kg_tasks(evaluation) if evaluation else generated_tasks()
+    held = {normalize_question(t.question) for t in held_out}
+    tasks = load_kg_tasks(source) if source else training_tasks()
+    entries = [{"domain": "kg", "type": ["kg"], "task": t} for t in tasks if normalize_question(t.question) not in held]
+    if not entries:
+        raise DataError(f"{source or 'the embedded graph'}: holds no KG question for the User to pose")
+    log.info("cmat: KG task pool %s: %d questions, %d also in the evaluation", source or "embedded graph",
+             len(entries), len(tasks) - len(entries))
+    return entries
+
+
 # ------------------------------------------------------------------------------------- rewards
 
 
@@ -131,15 +156,17 @@ def turn_rewards(result: dict[str, Any], cfg: Any) -> list[float]:
     return rewards
 
 
-ACTING = ("operation", "answer", "bash", "finish")  # turn actions of dbbench and OS episodes that are not mistakes
+ACTING = ("operation", "answer", "bash", "finish", "tool")  # turn actions of dbbench, OS and KG episodes
 
 
 def _turn_failed(turn: dict[str, Any]) -> bool:
-    """A vetoed turn, an SQL statement that errored, or a shell command that exited non-zero."""
+    """A vetoed turn, an SQL statement that errored, a shell command that exited non-zero, a KG call that failed."""
     if turn.get("vetoed"):
         return True
     if "exit_code" in turn:
         return turn["exit_code"] != 0
+    if turn.get("action") == "tool":  # KG: a call that ran is observed, a failed one gets an error message
+        return not turn["observation"].startswith("Observation:")
     return "observation" in turn and not turn["observation"].startswith("[")
 
 
@@ -158,6 +185,7 @@ def corrected_turns(result: dict[str, Any]) -> list[int]:
 
 NOT_FINGERPRINTED = ("out_dir", "iterations")  # iterations: no iteration depends on the total, so a run can be extended
 OS_EVALUATION_ONLY = ("tasks", "scripts_dir", "policy", "adapter", "limit", "out_dir")  # the rest shapes OS episodes
+KG_EPISODE = ("endpoint", "namespace", "max_rounds", "timeout_s")  # what shapes KG episodes (tasks: the pool)
 
 
 def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
@@ -169,6 +197,8 @@ def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
     if "os" in params.cmat.domains:
         digest.update(json.dumps({k: v for k, v in dataclasses.asdict(params.os).items() if k not in OS_EVALUATION_ONLY},
                                  sort_keys=True).encode())
+    if "kg" in params.cmat.domains:
+        digest.update(json.dumps({k: getattr(params.kg, k) for k in KG_EPISODE}, sort_keys=True).encode())
     from cmat_pipeline.sft import update_with_folder
 
     update_with_folder(digest, Path(params.model.dir))
@@ -176,6 +206,13 @@ def fingerprint(params: Params, pool: Sequence[dict[str, Any]]) -> str:
         update_with_folder(digest, Path(params.cmat.init_adapter))
     digest.update(json.dumps(list(pool), sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def _close_episode(episode: Any) -> None:
+    """Release what an episode holds: its OS sandbox or its database (a KG episode holds neither)."""
+    held = getattr(episode, "sandbox", None) or getattr(episode, "db", None)
+    if held is not None:
+        held.close()
 
 
 class CMATRecipe:
@@ -195,6 +232,7 @@ class CMATRecipe:
 
         from cmat_pipeline.cmat.actor_critic import ACTOR, CRITIC, ActorCritic
         from cmat_pipeline.cmat.checker import SQLChecker
+        from cmat_pipeline.cmat.kg_checker import KGChecker
         from cmat_pipeline.cmat.memory import ReflectionMemory
         from cmat_pipeline.cmat.osbench_checker import ShellChecker
         from cmat_pipeline.cmat.roles import User
@@ -224,6 +262,12 @@ class CMATRecipe:
             self.backend = make_backend(self.params.db)
             self.checker = SQLChecker(make_backend(self.params.db), veto_reward=cfg.veto_reward)
         self.shell_checker = ShellChecker(veto_reward=cfg.veto_reward)
+        self.kg_checker = KGChecker(veto_reward=cfg.veto_reward)
+        self.kg_client = None  # the SPARQL store only when the User poses KG questions
+        if "kg" in cfg.domains:
+            from cmat_pipeline.envs.kg import make_client
+
+            self.kg_client = make_client(self.params.kg)
         rollout_gen = dataclasses.replace(self.params.generation, temperature=cfg.temperature,
                                           max_new_tokens=cfg.max_new_tokens)
         self.policy = HFPolicy.from_loaded(self.net.model, self.tokenizer, rollout_gen, f"cmat-actor:{model_dir}")
@@ -237,7 +281,7 @@ class CMATRecipe:
         import torch
         from tqdm import tqdm
 
-        from cmat_pipeline.cmat.corrections import correction, os_correction
+        from cmat_pipeline.cmat.corrections import correction, kg_correction, os_correction
         from cmat_pipeline.runtime.policy import Timed
         from cmat_pipeline.runtime.rollout import run_episodes
 
@@ -254,7 +298,7 @@ class CMATRecipe:
         try:
             results = run_episodes((self._starter(domain, task) for domain, task in played), timed,
                                    concurrency or self.params.generation.batch_size,
-                                   close=lambda e: (e.sandbox if hasattr(e, "sandbox") else e.db).close(),
+                                   close=_close_episode,
                                    on_result=lambda _: bar.update())
         finally:
             bar.close()
@@ -263,7 +307,7 @@ class CMATRecipe:
         for result in results:  # the plain question (without recalled lessons) keys long-term memory
             domain, task = played[result["index"]]
             result.update(domain=domain, type=task.type, question=task.question)
-            fix = os_correction if domain == "os" else correction
+            fix = {"db": correction, "os": os_correction, "kg": kg_correction}[domain]
             result["correction"] = fix(result, task) if correct_failures else None
         stats = {"rollout_seconds": round(seconds, 2), "episodes_per_minute": round(60 * len(results) / seconds, 2),
                  "rollout_tokens_per_second": round(timed.completion_tokens / max(timed.seconds, 1e-9), 2),
@@ -275,13 +319,14 @@ class CMATRecipe:
         """(domain, task) of a pool entry, indexed by its position in this iteration's episodes."""
         from cmat_pipeline.envs.dbbench import task_from_entry
 
-        if entry.get("domain") == "os":
-            return "os", dataclasses.replace(entry["task"], index=index)
+        if entry.get("domain") in ("os", "kg"):
+            return entry["domain"], dataclasses.replace(entry["task"], index=index)
         return "db", task_from_entry(entry, index, f"task pool:item {index}")
 
     def _starter(self, domain: str, task: Any) -> Callable[[], Any]:
         """Starts the task's episode with its Checker in the loop (no veto: it scores actions, never blocks)."""
         from cmat_pipeline.cmat.checker import CheckedDBEpisode
+        from cmat_pipeline.cmat.kg_checker import CheckedKGEpisode
         from cmat_pipeline.cmat.memory import prompt_with_lessons
         from cmat_pipeline.cmat.osbench_checker import CheckedOSEpisode
         from cmat_pipeline.evaluate_os import start_episode
@@ -292,6 +337,12 @@ class CMATRecipe:
         if domain == "os":
             return lambda: start_episode(task, self.params.os, episode_cls=CheckedOSEpisode,
                                          checker=self.shell_checker, **checked)
+        if domain == "kg":
+            from cmat_pipeline.envs.kg import KGSession
+
+            kg = self.params.kg
+            return lambda: CheckedKGEpisode(task, KGSession(self.kg_client, kg.namespace), kg.max_rounds,
+                                            checker=self.kg_checker, **checked)
         return lambda: CheckedDBEpisode(task, self.backend.open(task.table), self.params.db.max_rounds,
                                         checker=self.checker, **checked)
 

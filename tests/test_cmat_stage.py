@@ -435,3 +435,84 @@ def test_the_os_evaluation_split_is_refused_as_a_task_pool(os_params):
 def test_unknown_cmat_domain_is_a_clear_error():
     with pytest.raises(ConfigError, match="cmat.domains"):
         build(Params, {"cmat": {"domains": ["db", "webshop"]}})
+
+
+# ---------------------------------------------------------------------------------- the KG domain
+
+
+@pytest.fixture
+def kg_params(tiny_model_dir, sft_adapter, task_file, tmp_path) -> Params:
+    return make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", domains=["kg"], memory=True)
+
+
+def kg_act(call: str) -> str:
+    return f"Thought: I take the next step.\nAction: {call}"
+
+
+def test_kg_questions_are_played_with_the_kg_checker_in_the_loop(kg_params):
+    from cmat_pipeline.cmat.memory import LESSONS
+    from cmat_pipeline.envs.kg import generated_tasks, training_tasks
+
+    recipe = CMATRecipe(kg_params, progress=False)
+    recipe.setup()
+    try:
+        evaluation = {t.question for t in generated_tasks()}
+        assert [e["task"].question for e in recipe.pool] == [t.question for t in training_tasks()]
+        assert not evaluation & {e["task"].question for e in recipe.pool} and recipe.backend is None
+        task = recipe.pool[0]  # who directed The Quiet Harbor?
+        recipe.policy = Scripted(kg_act("get_neighbors(The Quiet Harbor, film.film.directed_by)"),  # too early
+                                 kg_act("get_relations(The Quiet Harbor)"),
+                                 kg_act("get_neighbors(The Quiet Harbor, film.film.directed_by)"),
+                                 "Thought: #0 is the final answer to the question.\nFinal Answer: #0")
+        results, _ = recipe.rollout(0, tasks=[task])
+        result = results[0]
+        lessons = recipe.reflect(results)
+        stats = recipe.update(results)
+        stored = lessons_in(recipe)
+    finally:
+        recipe.cleanup(success=False)
+    vetoed, relations, neighbors, answered = result["turns"]
+    assert vetoed["vetoed"] and vetoed["issues"] == ["unseen_relation"] and vetoed["reward"] == -0.5
+    assert "get_relations(m.0fil00) first" in vetoed["feedback"]
+    assert relations["observation"].startswith("Observation: [") and neighbors["observation"].endswith("people.person")
+    assert answered["action"] == "answer" and result["prediction"] == sorted(task["task"].answers)
+    assert result["correct"] and result["domain"] == "kg" and result["type"] == "kg"
+    assert corrected_turns(result) == [1]  # the call accepted after the veto is eq. 8's target
+    assert turn_rewards(result, recipe.cfg) == [-0.5, 0.0, 0.0, 1.0]
+    # The Assistant's reflection here is an answer, not a lesson: the template for the veto's issue is stored.
+    assert lessons == {"self": 0, "template": 1} and stored[0][1] == LESSONS["kg"]["unseen_relation"]
+    assert stats["episodes_trained"] == 1 and stats["corrected_turns"] == 1
+
+
+def test_a_failed_kg_episode_gets_the_checkers_correction_in_the_update(kg_params):
+    kg_params.kg.max_rounds = 2  # short enough to train on: the correction is part of the episode's example
+    recipe = CMATRecipe(kg_params, progress=False)
+    recipe.setup()
+    try:
+        recipe.policy = Scripted(kg_act("get_relations(The Quiet Harbor)"),
+                                 kg_act("get_neighbors(The Quiet Harbor, film.film.release_year)"))  # not a relation
+        results, _ = recipe.rollout(0, tasks=recipe.pool[:1])
+        stats = recipe.update(results)
+    finally:
+        recipe.cleanup(success=False)
+    result = results[0]
+    assert not result["correct"] and result["outcome"] == "task_limit_exceeded"
+    assert [t["vetoed"] for t in result["turns"]] == [False, True, True, True, False]  # max_vetoes: 3
+    assert result["correction"]["turn"] == 1
+    assert result["correction"]["messages"][-1]["content"].endswith(
+        "Action: get_neighbors(The Quiet Harbor, film.film.directed_by)")
+    assert stats["checker_corrections"] == 1
+
+
+def test_kg_evaluation_questions_are_refused_as_a_pool(kg_params, tmp_path):
+    from cmat_pipeline.envs.kg import generated_tasks, task_entry
+
+    evaluation = tmp_path / "kg_eval.json"
+    evaluation.write_text(json.dumps([task_entry(t) for t in generated_tasks()]))
+    kg_params.kg.tasks = kg_params.cmat.kg_tasks = str(evaluation)
+    with pytest.raises(ConfigError, match="cmat.kg_tasks: .* evaluation split"):
+        load_task_pool(kg_params)
+    kg_params.kg.tasks, kg_params.cmat.kg_tasks = "", ""
+    kg_params.kg.endpoint = "http://kb.example:3001/sparql"
+    with pytest.raises(ConfigError, match="cmat.kg_tasks: '' poses the embedded graph's questions"):
+        load_task_pool(kg_params)

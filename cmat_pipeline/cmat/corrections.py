@@ -11,6 +11,10 @@ OS tasks (os_correction): the reference plan is the task's `example` solution as
 plays it (run the script, then answer with its output); the first turn whose action differs from the
 oracle's in the same state gets the oracle's action. Tasks judged by `match` get none: their oracle answers
 without running anything, which the shell Checker rightly vetoes.
+
+KG questions (kg_correction): the reference plan is the question's recorded action program (the generated
+questions have one; AgentBench's files do not, and get no correction); the first turn whose call or answer
+differs from the program's gets the program's next step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from cmat_pipeline.chat_format import fixed_protocol_turns
 from cmat_pipeline.data.rationales import explain_sql
 from cmat_pipeline.data.teachers import _action, final_answer
 from cmat_pipeline.envs.dbbench import DBTask
+from cmat_pipeline.envs.kg import FINAL_RE, KGTask, first_call, oracle_reply, split_arguments
 from cmat_pipeline.envs.os_interaction import ExampleOraclePolicy, OSTask, parse_action
 
 
@@ -82,5 +87,32 @@ def os_correction(result: dict[str, Any], task: OSTask) -> dict[str, Any] | None
         oracle.register(prefix, task)
         target = oracle.turn(prefix)
         if result["turns"][turn].get("vetoed") or _os_action(messages[position]["content"]) != _os_action(target):
+            return {"turn": turn, "messages": [*prefix, {"role": "assistant", "content": target}]}
+    return None
+
+
+def _kg_action(response: str, task: KGTask) -> tuple[str, ...]:
+    """A KG turn as what it does: ("answer", k), (tool, *arguments with entity names as ids) or ("invalid",)."""
+    final = FINAL_RE.findall(response)
+    if final:
+        return "answer", final[0]
+    found = first_call(response)
+    if found is None:
+        return ("invalid",)
+    try:
+        return found[0], *(task.entities.get(a.strip(), a.strip()) for a in split_arguments(found[1], found[0]))
+    except ValueError:
+        return ("invalid",)
+
+
+def kg_correction(result: dict[str, Any], task: KGTask) -> dict[str, Any] | None:
+    """The KG counterpart of `correction`: the action program's step at the first turn that left it."""
+    if result["correct"] or not result["turns"] or not task.actions:
+        return None
+    messages = result["messages"]
+    for turn, position in enumerate(_assistant_positions(messages)):
+        prefix = messages[:position]
+        target = oracle_reply(task, prefix)
+        if result["turns"][turn].get("vetoed") or _kg_action(messages[position]["content"], task) != _kg_action(target, task):
             return {"turn": turn, "messages": [*prefix, {"role": "assistant", "content": target}]}
     return None

@@ -85,15 +85,15 @@ def with_lessons(question: str, lessons: list[str]) -> str:
 
 
 def prompt_with_lessons(task, memory: "ReflectionMemory | None", k: int) -> list[dict[str, str]]:
-    """A task's opening messages (dbbench or OS), its question turn led by up to k recalled lessons."""
+    """A task's opening messages (dbbench, OS or KG), its question turn led by up to k recalled lessons."""
     messages = task.initial_messages()
     lessons = memory.recall(task.question, task.type, k) if memory is not None else []
-    messages[-1] = {"role": "user", "content": with_lessons(task.question, lessons)}
+    messages[-1] = {"role": "user", "content": with_lessons(messages[-1]["content"], lessons)}
     return messages
 
 
-# Per domain: a lesson for each Checker issue (cmat/checker.py, cmat/osbench_checker.py), then one for hitting
-# the round limit, then the fallback.
+# Per domain: a lesson for each Checker issue (cmat/checker.py, cmat/osbench_checker.py, cmat/kg_checker.py), then
+# one for hitting the round limit, then the fallback.
 LESSONS = {
     "db": {
         "format": "Always end with 'Action: Operation' and one ```sql block, or 'Action: Answer' and 'Final Answer: [...]'.",
@@ -115,6 +115,19 @@ LESSONS = {
         "destructive": "Never delete or overwrite system files or whole folders; change only what the task names.",
         "task_limit_exceeded": "Answer as soon as a command prints the result; do not keep exploring.",
         None: "Check the command's output against the question before answering.",
+    },
+    "kg": {
+        "format": "Reply with 'Thought: ...' and one line 'Action: tool(arguments)', or 'Final Answer: #k'.",
+        "premature_answer": "Produce a variable with get_neighbors before giving the final answer.",
+        "unknown_variable": "Only use variables #k that an observation has already named.",
+        "arity": "Give each tool exactly its arguments, e.g. get_neighbors(entity, relation).",
+        "unknown_entity": "Use the entity names exactly as the question lists them, or a variable.",
+        "needs_variable": "Call get_neighbors first; intersection, count, get_attributes, argmax and argmin take variables.",
+        "unseen_relation": "Call get_relations first and copy one of the relations it returns.",
+        "unseen_attribute": "Call get_attributes first and copy one of the attributes it returns.",
+        "type_mismatch": "Only intersect two variables of the same type.",
+        "task_limit_exceeded": "Answer with the variable that holds the result as soon as it exists.",
+        None: "Follow the relations the question names, one hop at a time, then answer with the last variable.",
     },
 }
 

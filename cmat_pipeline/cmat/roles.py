@@ -77,12 +77,13 @@ def reflection_request(result: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def usable_reflection(text: str | None) -> str | None:
-    """A one-sentence lesson of 4-40 words without an action (dbbench `Action:`, OS `Act:`), or None."""
+    """A one-sentence lesson of 4-40 words without an action (dbbench `Action:`, OS `Act:`, KG `Final Answer:`),
+    or None."""
     if not text:
         return None
     text = " ".join(text.split())
     words = len(text.split())
-    if re.search(r"\bAct(ion)?:", text) or "```" in text or not 4 <= words <= 40 or not re.search(r"[A-Za-z]", text):
+    if re.search(r"\bAct(ion)?:|Final Answer:", text) or "```" in text or not 4 <= words <= 40 or not re.search(r"[A-Za-z]", text):
         return None
     return text
 

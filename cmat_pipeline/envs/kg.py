@@ -312,6 +312,11 @@ class KGTask:
     actions: tuple[str, ...] = ()
 
     @property
+    def type(self) -> str:
+        """The task type the cmat User's curriculum and long-term memory group KG questions under."""
+        return "kg"
+
+    @property
     def prompt(self) -> str:
         return "A new question: " + self.question + "\nEntities: " + f"[{', '.join(self.entities)}]"
 
@@ -371,15 +376,29 @@ def load_kg_tasks(path: str | Path, limit: int = 0) -> list[KGTask]:
     return tasks[:limit] if limit else tasks
 
 
-def _arguments(line: str, name: str, session: KGSession, entities: dict[str, str]) -> tuple[list[Any], list[str]]:
-    """AgentBench's argument handling: split at commas, `#k` is a variable, an entity name becomes its id."""
+def split_arguments(line: str, name: str) -> list[str]:
+    """AgentBench's argument split of `name(...)` in an action line: at commas, without `variable ` prefixes.
+    Raises ValueError when the call has no closing parenthesis."""
     found = re.findall(rf"{name}\((.+?)\)", line)
     if not found:
         raise ValueError("unmatched parenthesis")
-    raw = re.split(r"\s*,\s*", found[0])
+    return [a.replace("variable ", "").replace("Variable ", "") for a in re.split(r"\s*,\s*", found[0])]
+
+
+def first_call(message: str) -> tuple[str, str] | None:
+    """(tool name, action line) of the call the episode runs: the first `Action:` line's first tool name."""
+    for line in message.split("\n"):
+        if re.match(r"Action.*?:", line):
+            names = [n for n in re.findall(r"(\w+)\(", line) if n in TOOLS]
+            return (names[0], line) if names else None
+    return None
+
+
+def _arguments(line: str, name: str, session: KGSession, entities: dict[str, str]) -> tuple[list[Any], list[str]]:
+    """AgentBench's argument handling: split at commas, `#k` is a variable, an entity name becomes its id."""
+    raw = split_arguments(line, name)
     values: list[Any] = []
     for argument in raw:
-        argument = argument.replace("variable ", "").replace("Variable ", "")
         if argument.startswith("#"):
             values.append(session.variables[int(argument[1:])])
         else:
@@ -519,6 +538,20 @@ def question_kind(actions: Sequence[str]) -> str:
     return "multi-hop" if tools.count("get_neighbors") > 1 else "one-hop"
 
 
+QUESTION_TURN = len(ONE_SHOT) + 2  # the question's message index, after the instructions, the reply and the example
+
+
+def oracle_reply(task: KGTask, conversation: Conversation) -> str:
+    """The oracle's next turn in a conversation that followed its plan so far: the next recorded action with its
+    thought, then `Final Answer` with the last variable."""
+    done = (len(conversation) - QUESTION_TURN - 1) // 2
+    if done < len(task.actions):
+        return f"Thought: {oracle_thought(task.actions[done])}\nAction: {task.actions[done]}"
+    variables = sum(1 for m in conversation[QUESTION_TURN + 1:] if m["role"] == "user" and "variable #" in m["content"])
+    return (f"Thought: #{variables - 1} is the final answer to the question.\n"
+            f"Final Answer: #{variables - 1}")
+
+
 class KGOraclePolicy:
     """Plays each question's recorded action sequence, a thought before each action, then answers with the
     last variable."""
@@ -530,14 +563,7 @@ class KGOraclePolicy:
         self.by_prompt = {t.prompt: t for t in tasks}
 
     def turn(self, conversation: Conversation) -> str:
-        start = len(ONE_SHOT) + 2
-        task = self.by_prompt[conversation[start]["content"]]
-        done = (len(conversation) - start - 1) // 2
-        if done < len(task.actions):
-            return f"Thought: {oracle_thought(task.actions[done])}\nAction: {task.actions[done]}"
-        variables = sum(1 for m in conversation[start + 1:] if m["role"] == "user" and "variable #" in m["content"])
-        return (f"Thought: #{variables - 1} is the final answer to the question.\n"
-                f"Final Answer: #{variables - 1}")
+        return oracle_reply(self.by_prompt[conversation[QUESTION_TURN]["content"]], conversation)
 
     def generate(self, conversations: Sequence[Conversation]) -> list[PolicyOutput]:
         return [PolicyOutput(self.turn(c)) for c in conversations]
