@@ -589,7 +589,9 @@ class CMATConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     max_seq_len: int = 2048
-    """Episodes longer than this (tokens) are left out of the update (metrics: episodes_too_long)."""
+    """Episodes longer than this (tokens) are left out of the policy gradient (metrics: episodes_too_long); the
+    Checker's correction of such an episode, a shorter conversation, still trains when it fits
+    (corrections_of_untrained_episodes)."""
     critic_lora_r: int = 8
     """LoRA rank of the critic's own adapter on the shared base model."""
     seed: int = 0

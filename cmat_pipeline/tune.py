@@ -367,12 +367,16 @@ class CMATRecipe:
         return counts
 
     # -- update
-    def _examples(self, results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    def _examples(self, results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """(trainable episodes, corrections of the episodes too long to train on, how many were too long).
+
+        A correction is its own (shorter) conversation: a long failed episode, where the Checker's fix matters
+        most, still teaches its corrected action through the reflection loss."""
         import torch
 
         from cmat_pipeline.chat_format import encode_chat
 
-        examples, too_long = [], 0
+        examples, orphans, too_long = [], [], 0
         for result in results:
             if not result["turns"]:
                 continue
@@ -380,6 +384,8 @@ class CMATRecipe:
             starts = enc.turn_starts()
             if len(enc.input_ids) > self.cfg.max_seq_len or len(starts) != len(result["turns"]):
                 too_long += 1
+                if (fix := self._encoded_correction(result.get("correction"))) is not None:
+                    orphans.append({"correction": fix})
                 continue
             ids = torch.tensor([enc.input_ids], device=self.device)
             mask = torch.tensor([enc.assistant_mask], device=self.device)
@@ -388,7 +394,7 @@ class CMATRecipe:
             examples.append({"ids": ids, "mask": mask, "token_turn": token_turn, "state_ends": [s - 1 for s in starts],
                              "rewards": turn_rewards(result, self.cfg), "fixed": fixed, "tokens": len(enc.input_ids),
                              "correction": self._encoded_correction(result.get("correction"))})
-        return examples, too_long
+        return examples, orphans, too_long
 
     def _encoded_correction(self, correction: dict[str, Any] | None) -> tuple[Any, Any] | None:
         """(ids, mask) of the Checker's corrected action in its conversation; only that action is a target."""
@@ -413,80 +419,105 @@ class CMATRecipe:
         """One critic pass (TD targets) and `ppo_epochs` actor passes over this iteration's episodes."""
         import torch
 
-        from cmat_pipeline.cmat.actor_critic import ACTOR, CRITIC
-        from cmat_pipeline.cmat.objectives import (actor_loss, normalize, reinforce_advantages, turn_advantages,
-                                                   value_loss)
+        from cmat_pipeline.cmat.actor_critic import ACTOR
+        from cmat_pipeline.cmat.objectives import normalize, reinforce_advantages
 
         cfg, net = self.cfg, self.net
-        examples, too_long = self._examples(results)
-        stats: dict[str, Any] = {"episodes_trained": len(examples), "episodes_too_long": too_long}
-        if not examples:
+        examples, orphans, too_long = self._examples(results)
+        stats: dict[str, Any] = {"episodes_trained": len(examples), "episodes_too_long": too_long,
+                                 "corrections_of_untrained_episodes": len(orphans)}
+        if not examples and not orphans:
             return stats | {"value_loss": None, "kl": None, "clip_fraction": None, "update_tokens_per_second": None}
         start = time.perf_counter()
         for ex in examples:  # the rollout policy's and the reference's log-probs, before any step
             ex["old"] = net.token_logps(ex["ids"], ex["mask"], grad=False)
             ex["ref"] = net.reference_logps(ex["ids"], ex["mask"])  # also without the penalty: KL is reported
-        value_losses = []
-        if cfg.value_function:
-            for batch in self._minibatches(len(examples)):
-                self.critic_optim.zero_grad()
-                for i in batch:
-                    ex = examples[i]
-                    values = net.values(ex["ids"], ex["state_ends"])
-                    adv, targets = turn_advantages(ex["rewards"], values.detach().tolist(), cfg.gamma, cfg.gae_lambda)
-                    ex["adv"] = adv
-                    with net.adapter(CRITIC):
-                        loss = value_loss(values, targets)
-                        (loss / len(batch)).backward()
-                    value_losses.append(float(loss.detach()))
-                torch.nn.utils.clip_grad_norm_(net.parameters(CRITIC), cfg.max_grad_norm or float("inf"))
-                self.critic_optim.step()
-        else:  # ablation: REINFORCE with the batch's mean discounted return as the baseline
+        value_losses = self._fit_critic(examples) if cfg.value_function else []
+        if not cfg.value_function:  # ablation: REINFORCE with the batch's mean discounted return as the baseline
             returns = [reinforce_advantages(ex["rewards"], 0.0, cfg.gamma)[0] for ex in examples]
-            baseline = sum(returns) / len(returns)
+            baseline = sum(returns) / max(len(returns), 1)
             for ex in examples:
                 ex["adv"] = reinforce_advantages(ex["rewards"], baseline, cfg.gamma)
-        flat = normalize([a for ex in examples for a in ex["adv"]])
+        flat = normalize([a for ex in examples for a in ex["adv"]]) if examples else []
         offset = 0
         for ex in examples:
             ex["adv_norm"] = flat[offset:offset + len(ex["adv"])].to(self.device)
             offset += len(ex["adv"])
+        items = examples + orphans
         kls, clips, reflection_terms = [], [], []
         net.use(ACTOR)
         for _ in range(cfg.ppo_epochs):
-            for batch in self._minibatches(len(examples)):
+            for batch in self._minibatches(len(items)):
                 self.actor_optim.zero_grad()
                 for i in batch:
-                    ex = examples[i]
-                    new = net.token_logps(ex["ids"], ex["mask"], grad=True)
-                    token_adv = ex["adv_norm"][ex["token_turn"]]
-                    out = actor_loss(new[None], ex["old"][None], ex["ref"][None], token_adv[None],
-                                     torch.ones_like(new)[None], clip=cfg.clip or None, kl_coef=cfg.kl_coef)
-                    loss = out.loss
-                    if cfg.reflection_loss_weight > 0 and ex["fixed"]:  # the episode's own corrections
-                        fixed = torch.isin(ex["token_turn"], torch.tensor(ex["fixed"], device=self.device))
-                        reflection = -new[fixed].mean()
-                        loss = loss + cfg.reflection_loss_weight * reflection
-                        reflection_terms.append(float(reflection.detach()))
-                    if cfg.reflection_loss_weight > 0 and ex["correction"] is not None:  # the Checker's
-                        reflection = -net.token_logps(*ex["correction"], grad=True).mean()
-                        loss = loss + cfg.reflection_loss_weight * reflection
-                        reflection_terms.append(float(reflection.detach()))
+                    loss = self._actor_item_loss(items[i], kls, clips, reflection_terms)
                     (loss / len(batch)).backward()
-                    kls.append(out.kl)
-                    clips.append(out.clip_fraction)
                 torch.nn.utils.clip_grad_norm_(net.parameters(ACTOR), cfg.max_grad_norm or float("inf"))
                 self.actor_optim.step()
         seconds = time.perf_counter() - start
-        tokens = sum(ex["tokens"] for ex in examples)
+        tokens = sum(ex["tokens"] for ex in examples) + sum(int(o["correction"][0].shape[1]) for o in orphans)
         return stats | {
             "value_loss": round(sum(value_losses) / len(value_losses), 5) if value_losses else None,
-            "kl": round(sum(kls) / len(kls), 6), "clip_fraction": round(sum(clips) / len(clips), 4),
+            "kl": round(sum(kls) / len(kls), 6) if kls else None,
+            "clip_fraction": round(sum(clips) / len(clips), 4) if clips else None,
             "reflection_loss": round(sum(reflection_terms) / len(reflection_terms), 5) if reflection_terms else None,
             "corrected_turns": sum(len(ex["fixed"]) for ex in examples),
-            "checker_corrections": sum(ex["correction"] is not None for ex in examples),
+            "checker_corrections": sum(ex["correction"] is not None for ex in items),
             "update_seconds": round(seconds, 2), "update_tokens_per_second": round(tokens * cfg.ppo_epochs / seconds, 2),
         }
+
+    def _fit_critic(self, examples: list[dict[str, Any]]) -> list[float]:
+        """One TD pass of the value head (eq. 5); leaves each example's per-turn advantages in ex["adv"]."""
+        import torch
+
+        from cmat_pipeline.cmat.actor_critic import CRITIC
+        from cmat_pipeline.cmat.objectives import turn_advantages, value_loss
+
+        cfg, net = self.cfg, self.net
+        losses = []
+        for batch in self._minibatches(len(examples)):
+            self.critic_optim.zero_grad()
+            for i in batch:
+                ex = examples[i]
+                values = net.values(ex["ids"], ex["state_ends"])
+                adv, targets = turn_advantages(ex["rewards"], values.detach().tolist(), cfg.gamma, cfg.gae_lambda)
+                ex["adv"] = adv
+                with net.adapter(CRITIC):
+                    loss = value_loss(values, targets)
+                    (loss / len(batch)).backward()
+                losses.append(float(loss.detach()))
+            torch.nn.utils.clip_grad_norm_(net.parameters(CRITIC), cfg.max_grad_norm or float("inf"))
+            self.critic_optim.step()
+        return losses
+
+    def _actor_item_loss(self, ex: dict[str, Any], kls: list[float], clips: list[float],
+                         reflection_terms: list[float]) -> Any:
+        """The actor loss of one item: an episode (policy gradient, its own fixes, the Checker's correction)
+        or a correction alone (its episode was too long to train on). Appends the terms it reports."""
+        import torch
+
+        from cmat_pipeline.cmat.objectives import actor_loss
+
+        cfg, net = self.cfg, self.net
+        loss = torch.zeros((), device=self.device)
+        if "ids" in ex:
+            new = net.token_logps(ex["ids"], ex["mask"], grad=True)
+            token_adv = ex["adv_norm"][ex["token_turn"]]
+            out = actor_loss(new[None], ex["old"][None], ex["ref"][None], token_adv[None],
+                             torch.ones_like(new)[None], clip=cfg.clip or None, kl_coef=cfg.kl_coef)
+            loss = out.loss
+            kls.append(out.kl)
+            clips.append(out.clip_fraction)
+            if cfg.reflection_loss_weight > 0 and ex["fixed"]:  # the episode's own corrections
+                fixed = torch.isin(ex["token_turn"], torch.tensor(ex["fixed"], device=self.device))
+                reflection = -new[fixed].mean()
+                loss = loss + cfg.reflection_loss_weight * reflection
+                reflection_terms.append(float(reflection.detach()))
+        if cfg.reflection_loss_weight > 0 and ex["correction"] is not None:  # the Checker's
+            reflection = -net.token_logps(*ex["correction"], grad=True).mean()
+            loss = loss + cfg.reflection_loss_weight * reflection
+            reflection_terms.append(float(reflection.detach()))
+        return loss
 
     # -- one iteration
     def iteration(self, i: int) -> dict[str, Any]:

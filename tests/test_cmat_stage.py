@@ -184,7 +184,9 @@ def test_checker_corrects_the_first_turn_that_left_the_gold_plan(task_file):
     assert correction(ran | {"correct": True}, task) is None  # a solved task needs no correction
 
 
-def test_update_learns_the_checkers_correction_of_a_failed_episode(tiny_model_dir, sft_adapter, task_file, tmp_path):
+@pytest.mark.parametrize("episode_fits", [True, False])
+def test_update_learns_the_checkers_correction_of_a_failed_episode(tiny_model_dir, sft_adapter, task_file, tmp_path,
+                                                                   episode_fits):
     from cmat_pipeline.chat_format import encode_chat
 
     params = make_params(tiny_model_dir, sft_adapter, task_file, tmp_path / "out", actor_lr=3e-3, kl_coef=0.0,
@@ -197,6 +199,10 @@ def test_update_learns_the_checkers_correction_of_a_failed_episode(tiny_model_di
         target = failed["correction"]["messages"]
         ids, mask = recipe._encoded_correction(failed["correction"])
         assert mask.sum() > 0 and mask.sum() < len(encode_chat(recipe.tokenizer, target).input_ids)
+        episode_tokens = len(encode_chat(recipe.tokenizer, failed["messages"]).input_ids)
+        assert ids.shape[1] < episode_tokens  # the correction stops at the first wrong turn: shorter
+        if not episode_fits:  # too long for the policy gradient, short enough for its correction
+            recipe.cfg.max_seq_len = ids.shape[1]
         before = float(recipe.net.token_logps(ids, mask, grad=False).sum())
         stats = recipe.update([failed])
         after = float(recipe.net.token_logps(ids, mask, grad=False).sum())
@@ -204,6 +210,9 @@ def test_update_learns_the_checkers_correction_of_a_failed_episode(tiny_model_di
         recipe.cleanup(success=False)
     assert target[-1]["content"].endswith(f"```sql\n{task_from_entry(entry, 0, 'p').gold_sql[0].strip()}\n```")
     assert stats["checker_corrections"] == 1 and stats["reflection_loss"] is not None
+    assert stats["episodes_trained"] == int(episode_fits) and stats["episodes_too_long"] == int(not episode_fits)
+    assert stats["corrections_of_untrained_episodes"] == int(not episode_fits)
+    assert (stats["kl"] is None) == (not episode_fits)  # no policy-gradient term without a trainable episode
     assert after > before
 
 
