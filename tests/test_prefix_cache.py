@@ -1,5 +1,6 @@
-"""generation.prefix_cache: the shared prompt prefix's KV computed once gives the same greedy turns as encoding
-every row in full, with and without LoRA adapters, and is never reused after the weights or the adapter change.
+"""generation.prefix_cache: reusing kept prompts' KV (a conversation's previous turn, the prefix a batch shares)
+gives the same greedy turns as encoding every row in full, with and without LoRA adapters, with rows of different
+cached lengths in one batch, under the memory bound, and is never reused after the weights or the adapter change.
 
 Run: .venv/bin/python -m pytest tests/test_prefix_cache.py
 """
@@ -83,8 +84,8 @@ def test_prefix_cache_gives_the_same_greedy_turns(policy, conversations):
     assert texts(on) == texts(off)
     assert [o.completion_tokens for o in on] == [o.completion_tokens for o in off]
     assert (policy.prefix_cache.hits, policy.prefix_cache.misses) == (0, 1)
-    again = policy.generate(conversations[1:], ON)  # the next call reuses the prefix
-    assert texts(again) == texts(off)[1:] and policy.prefix_cache.hits == 1
+    again = policy.generate(conversations[1:], ON)  # each row reuses its own kept prompt
+    assert texts(again) == texts(off)[1:] and policy.prefix_cache.hits == 3 and policy.prefix_cache.misses == 1
 
 
 def test_sampled_turns_match_seed_for_seed(policy, conversations):
@@ -94,23 +95,71 @@ def test_sampled_turns_match_seed_for_seed(policy, conversations):
     off = policy.generate(conversations, sampled)
     torch.manual_seed(5)
     on = policy.generate(conversations, dataclasses.replace(sampled, prefix_cache=True))
-    assert texts(on) == texts(off) and policy.prefix_cache.hits == 1
+    assert texts(on) == texts(off)
+    assert policy.prefix_cache.hits == 4 and policy.prefix_cache.misses == 1  # 2 own prompts, 2 shared prefixes
+
+
+def cached_lengths(policy) -> list[list[int]]:
+    """Records, per `generate` call, how many tokens of each row came from the cache."""
+    calls, batched = [], policy.prefix_cache.batched
+
+    def spy(model, batch, state):
+        found = batched(model, batch, state)
+        calls.append(found[1] if found else [0] * len(batch))
+        return found
+
+    policy.prefix_cache.batched = spy
+    return calls
+
+
+def next_turn(conversation, reply, question):
+    return conversation + [{"role": "assistant", "content": reply or "x"}, {"role": "user", "content": question}]
 
 
 def test_one_conversation_only_encodes_its_new_tokens(policy, conversations):
+    calls = cached_lengths(policy)
     first = policy.generate(conversations[:1], ON)
-    longer = conversations[0] + [{"role": "assistant", "content": first[0].text or "x"},
-                                 {"role": "user", "content": "And the second one?"}]
+    longer = next_turn(conversations[0], first[0].text, "And the second one?")
     assert texts(policy.generate([longer], ON)) == texts(policy.generate([longer]))
-    assert policy.prefix_cache.misses == 2 and len(policy.prefix_cache.entries) == 2
-    assert len(policy.prefix_cache.entries[-1][1]) > len(policy.prefix_cache.entries[0][1])
+    assert calls == [[0], [len(policy.encode(conversations[0]))]]  # the whole previous prompt is reused
+    assert (policy.prefix_cache.hits, policy.prefix_cache.misses) == (1, 0) and len(policy.prefix_cache.entries) == 2
 
 
-def test_no_shared_prefix_falls_back_to_left_padding(policy):
+def test_batched_turns_reuse_each_conversations_own_prompt(policy, conversations):
+    first = policy.generate(conversations, ON)
+    assert texts(first) == texts(policy.generate(conversations))
+    second = [next_turn(c, o.text, f"Now for row {i}, please.") for i, (c, o) in enumerate(zip(conversations, first))]
+    calls = cached_lengths(policy)
+    on = policy.generate(second, ON)
+    assert texts(on) == texts(policy.generate(second))
+    assert calls == [[len(policy.encode(c)) for c in conversations]]  # rows of different cached lengths
+    assert policy.prefix_cache.hits == 4 and policy.prefix_cache.misses == 1  # only turn 1's shared prefix
+
+
+def test_rows_with_and_without_a_cached_prefix_share_a_batch(policy, conversations):
+    first = policy.generate(conversations[:1], ON)
+    batch = [next_turn(conversations[0], first[0].text, "Go on."), [{"role": "user", "content": "Say hi."}]]
+    calls = cached_lengths(policy)
+    assert texts(policy.generate(batch, ON)) == texts(policy.generate(batch))
+    assert calls == [[len(policy.encode(conversations[0])), 0]]
+
+
+def test_the_memory_bound_evicts_the_least_recently_used(policy, conversations):
+    policy.generate(conversations[:1], ON)
+    one = policy.prefix_cache.entries[0].nbytes
+    policy.prefix_cache.max_bytes = int(one * 1.5)  # room for about one prompt
+    assert texts(policy.generate(conversations, ON)) == texts(policy.generate(conversations))
+    cache = policy.prefix_cache
+    assert len(cache.entries) == 1 and sum(e.nbytes for e in cache.entries) <= cache.max_bytes
+    assert cache.entries[0].ids == tuple(policy.encode(conversations[-1]))  # the most recent prompt stays
+
+
+def test_short_prompts_are_left_padded_and_kept(policy):
     short = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "What is SQL, in a sentence?"}]]
     assert common_prefix_length([policy.encode(c) for c in short]) < PREFIX_MIN_TOKENS
     assert texts(policy.generate(short, ON)) == texts(policy.generate(short))
-    assert policy.prefix_cache.entries == [] and policy.prefix_cache.misses == 0
+    assert policy.prefix_cache.misses == 0 and policy.prefix_cache.hits == 0
+    assert [e.ids for e in policy.prefix_cache.entries] == [tuple(policy.encode(c)) for c in short]  # for next turns
 
 
 def test_prefix_cache_with_lora_adapters(sharp_model, tiny_model_dir, conversations):

@@ -3,7 +3,8 @@
 - `HFPolicy`: a local transformers model (+ optional PEFT adapter). One `generate` call serves every
   conversation of a turn (left-padded batch), with stop strings, greedy or sampled decoding, and a
   context guard that reports "context limit" (text None) instead of crashing. With
-  `generation.prefix_cache` the prompt prefix all rows share is encoded once (`PrefixCache`).
+  `generation.prefix_cache` every prompt's KV is kept (`PrefixCache`): a conversation's next turn encodes only
+  its new tokens, and the instructions a batch shares are encoded once.
 - `OpenAIPolicy`: any OpenAI-compatible chat-completions endpoint (vLLM, an API) for teachers and
   baselines, with timeouts, retries with backoff, and concurrent requests.
 """
@@ -101,63 +102,147 @@ def model_state(model: Any) -> tuple:
     return id(model), model.training, params, adapters
 
 
-class PrefixCache:
-    """The KV cache of a few prompt prefixes (batch 1), most recently used last, each valid for the model state
-    (`model_state`) it was computed under. A longer prefix extends the longest cached one it starts with, so
-    consecutive turns of one conversation only encode their new tokens."""
+PREFIX_CACHE_BYTES = 2 << 30
+"""KV bytes `PrefixCache` keeps at most; the least recently used prompts go first."""
 
-    def __init__(self, entries: int = 2):
-        self.size = entries
-        self.entries: list[tuple[tuple, tuple[int, ...], Any]] = []  # (model state, prefix ids, DynamicCache)
-        self.hits = self.misses = 0
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+@dataclass
+class CachedPrompt:
+    """One prompt's KV (batch 1): per layer (keys, values) of shape [1, heads, len(ids), head_dim]."""
+
+    state: tuple
+    ids: tuple[int, ...]
+    layers: list[tuple[Any, Any]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+class PrefixCache:
+    """The KV of recent prompts, most recently used last, each valid for the model state (`model_state`) it was
+    computed under. Each row of a `generate` call reuses the longest prefix it shares with any stored prompt,
+    so the next turn of a conversation encodes only its new tokens (the reply and the observation), and new
+    conversations of a batch encode the instructions they share once. Bounded by `max_bytes`."""
+
+    def __init__(self, max_bytes: int = PREFIX_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: list[CachedPrompt] = []
+        self.hits = 0
+        """Rows that reused at least PREFIX_MIN_TOKENS tokens of a stored prompt."""
+        self.misses = 0
+        """Shared prefixes encoded on their own (a batch's rows had them in common, no stored prompt did)."""
         self.unsupported = False
-        """Set once the model turns out to have sliding-window or linear-attention layers (their cache does not
-        hold the whole prefix, or cannot take padding after it)."""
+        """Set once the model turns out to have layers whose cache is not plain keys and values (sliding window,
+        linear attention, indexers): their cache does not hold the whole prefix, or cannot take padding."""
 
     def clear(self) -> None:
         self.entries.clear()
 
-    def expanded(self, model: Any, prefix: Sequence[int], batch: int) -> Any:
-        """A fresh DynamicCache holding `prefix`'s KV for each of `batch` rows (generate grows it in place, so
-        the stored entry is copied), or None when the model's cache is `unsupported`."""
-        import copy
-
-        import torch
+    def empty(self, model: Any) -> Any:
+        """A DynamicCache for `model` with nothing in it, or None (and `unsupported`) for a model whose layers
+        are not plain full attention."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         if self.unsupported:
             return None
-        with torch.inference_mode():
-            cache = self._lookup(model, tuple(prefix))
-            if any(getattr(cache, "is_sliding", [])) or any(getattr(cache, "is_linear", [])):
-                self.unsupported = True
-                self.clear()
-                return None
-            cache = copy.deepcopy(cache)
-            cache.batch_repeat_interleave(batch)
+        cache = DynamicCache(config=model.config)
+        if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            self.unsupported = True
+            self.clear()
+            return None
         return cache
 
-    def _lookup(self, model: Any, prefix: tuple[int, ...]) -> Any:
-        import copy
+    def batched(self, model: Any, batch: Sequence[Sequence[int]], state: tuple) -> tuple[Any, list[int]] | None:
+        """A DynamicCache holding row r's first n_r tokens, left-padded to the longest, and the n_r (0: the row
+        reuses nothing); None when no row reuses PREFIX_MIN_TOKENS tokens or the model is `unsupported`."""
+        import torch
+        from transformers import DynamicCache
 
+        if self.empty(model) is None:
+            return None
+        self.entries = [e for e in self.entries if e.state == state]  # stale since an update: free them now
+        matches = [self._best(ids, len(ids) - 1) for ids in batch]  # generate must feed each row's last token
+        self.hits += sum(n >= PREFIX_MIN_TOKENS for n, _ in matches)
+        shared = common_prefix_length(batch) if len(batch) > 1 else 0
+        if shared >= PREFIX_MIN_TOKENS and any(n < shared for n, _ in matches):
+            entry = self._encode(model, state, batch[0][:shared])
+            matches = [(shared, entry) if n < shared else (n, e) for n, e in matches]
+        matches = [(n, e) if n >= PREFIX_MIN_TOKENS else (0, None) for n, e in matches]
+        width = max(n for n, _ in matches)
+        if width == 0:
+            return None
+        for _, entry in matches:
+            if entry is not None:
+                self._touch(entry)
+        template = next(e for _, e in matches if e is not None).layers
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            keys, values = [], []
+            for n, entry in matches:
+                k, v = entry.layers[layer] if entry is not None else (k0[..., :0, :], v0[..., :0, :])
+                pad = (0, 0, width - n, 0)  # left-pad the sequence dim (-2) with zeros: masked out
+                keys.append(torch.nn.functional.pad(k[..., :n, :], pad))
+                values.append(torch.nn.functional.pad(v[..., :n, :], pad))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=layers), [n for n, _ in matches]
+
+    def store(self, batch: Sequence[Sequence[int]], cache: Any, cached: Sequence[int], width: int,
+              state: tuple) -> None:
+        """Keep each row's prompt KV from `cache` after `generate`: row r's prompt sits in the first `width`
+        columns as [padding][its cached n_r tokens][padding][its other tokens]."""
         import torch
 
-        state = model_state(model)
-        fits = [e for e in self.entries if e[0] == state and prefix[:len(e[1])] == e[1]]
-        base = max(fits, key=lambda e: len(e[1]), default=None)
-        if base is not None:
-            self.entries.remove(base)
-            self.entries.append(base)  # most recently used
-            if len(base[1]) == len(prefix):
-                self.hits += 1
-                return base[2]
+        cached_width = max(cached)
+        for r, (ids, n) in enumerate(zip(batch, cached)):
+            own = len(ids) - n
+            columns = torch.tensor([*range(cached_width - n, cached_width), *range(width - own, width)],
+                                   device=cache.layers[0].keys.device)
+            layers = [(layer.keys[r:r + 1].index_select(2, columns), layer.values[r:r + 1].index_select(2, columns))
+                      for layer in cache.layers]
+            self._add(CachedPrompt(state, tuple(ids), layers))
+
+    def _best(self, ids: Sequence[int], limit: int) -> tuple[int, CachedPrompt | None]:
+        """The stored prompt sharing the longest prefix with `ids` (at most `limit` tokens) and that length."""
+        best: tuple[int, CachedPrompt | None] = (0, None)
+        for entry in self.entries:
+            n = min(shared_length(entry.ids, ids), limit)
+            if n > best[0]:
+                best = (n, entry)
+        return best
+
+    def _encode(self, model: Any, state: tuple, prefix: Sequence[int]) -> CachedPrompt:
+        """Encode `prefix` on its own (extending the stored prompt it shares most with) and store it."""
+        import torch
+        from transformers import DynamicCache
+
         self.misses += 1
-        start = len(base[1]) if base else 0
+        start, base = self._best(prefix, len(prefix) - 1)
+        past = DynamicCache(ddp_cache_data=[(k[..., :start, :], v[..., :start, :]) for k, v in base.layers]) \
+            if base is not None and start > 0 else self.empty(model)
         device = next(model.parameters()).device
-        out = model(input_ids=torch.tensor([prefix[start:]], device=device), use_cache=True, logits_to_keep=1,
-                    past_key_values=copy.deepcopy(base[2]) if base else None)
-        self.entries.append((state, prefix, out.past_key_values))
-        del self.entries[:-self.size]
-        return out.past_key_values
+        model(input_ids=torch.tensor([list(prefix[start:])], device=device), past_key_values=past, use_cache=True,
+              logits_to_keep=1)
+        entry = CachedPrompt(state, tuple(prefix), [(layer.keys, layer.values) for layer in past.layers])
+        self._add(entry)
+        return entry
+
+    def _touch(self, entry: CachedPrompt) -> None:
+        self.entries.remove(entry)
+        self.entries.append(entry)
+
+    def _add(self, entry: CachedPrompt) -> None:
+        self.entries = [e for e in self.entries if e.ids != entry.ids or e.state != entry.state] + [entry]
+        total = sum(e.nbytes for e in self.entries)
+        while self.entries and total > self.max_bytes:  # least recently used first
+            total -= self.entries.pop(0).nbytes
 
 
 class HFPolicy:
@@ -224,22 +309,30 @@ class HFPolicy:
 
     def generate_ids(self, batch: list[list[int]], gen: GenerationConfig, limits: Sequence[int] | None = None,
                      streamer: Any = None) -> list[PolicyOutput]:
-        """One left-padded `generate` call over tokenized prompts (with gen.prefix_cache, the prefix all rows share
-        comes from `PrefixCache` and the padding sits after it). `limits` caps each row's new tokens below
-        gen.max_new_tokens (the server batches requests with different max_tokens); `streamer` is handed to
+        """One left-padded `generate` call over tokenized prompts (with gen.prefix_cache, each row's longest prefix
+        already encoded comes from `PrefixCache`, and every prompt is kept there afterwards). `limits` caps each
+        row's new tokens below gen.max_new_tokens (the server batches requests with different max_tokens); `streamer` is handed to
         `generate` (it receives every step's tokens for the whole batch)."""
         import torch
 
-        width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
-        shared = common_prefix_length(batch) if gen.prefix_cache else 0
-        cache = self.prefix_cache.expanded(self.model, batch[0][:shared], len(batch)) \
-            if shared >= PREFIX_MIN_TOKENS else None
-        shared = shared if cache is not None else 0
-        # [shared prefix][padding][own tokens], mask 1/0/1: generate derives positions from the mask's cumsum,
-        # so each row's own tokens sit at the positions they would have unpadded; shared = 0 is left padding.
-        rows = [ids[:shared] + [pad] * (width - len(ids)) + ids[shared:] for ids in batch]
-        masks = [[1] * shared + [0] * (width - len(ids)) + [1] * (len(ids) - shared) for ids in batch]
+        state = model_state(self.model) if gen.prefix_cache else ()
+        with torch.inference_mode():
+            found = self.prefix_cache.batched(self.model, batch, state) if gen.prefix_cache else None
+        cache, cached = found if found is not None else (None, [0] * len(batch))
+        if gen.prefix_cache and cache is None:
+            cache = self.prefix_cache.empty(self.model)  # generate fills it; the prompts are stored from it below
+        # Each row: [padding][its cached tokens][padding][its other tokens], mask 0/1/0/1. generate derives
+        # positions from the mask's cumsum, so every token sits at the position it would have unpadded, and
+        # feeds only the columns after the cache; with nothing cached this is plain left padding.
+        cached_width = max(cached)
+        own_width = max(len(ids) - n for ids, n in zip(batch, cached))
+        width = cached_width + own_width
+        rows, masks = [], []
+        for ids, n in zip(batch, cached):
+            gap = own_width - (len(ids) - n)
+            rows.append([pad] * (cached_width - n) + ids[:n] + [pad] * gap + ids[n:])
+            masks.append([0] * (cached_width - n) + [1] * n + [0] * gap + [1] * (len(ids) - n))
         input_ids = torch.tensor(rows, device=self.device)
         attention = torch.tensor(masks, device=self.device)
         sampling = gen.temperature > 0
@@ -248,7 +341,7 @@ class HFPolicy:
             eos_token_id=self.tokenizer.eos_token_id, streamer=streamer,
         )
         if cache is not None:
-            kwargs.update(past_key_values=cache)  # generate feeds only the tokens after it
+            kwargs.update(past_key_values=cache)  # generate feeds only the columns after its content
         if sampling:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
         else:  # silence the model's sampling defaults when greedy
@@ -257,6 +350,8 @@ class HFPolicy:
             kwargs.update(stopping_criteria=[StopInCompletion(self.tokenizer, list(gen.stop), width)])
         with torch.inference_mode():
             generated = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+            if cache is not None:
+                self.prefix_cache.store(batch, cache, cached, width, state)
         results = []
         ends = {pad, self.tokenizer.eos_token_id}
         stops = self.stops(gen)
