@@ -21,6 +21,7 @@ import tempfile
 
 def main() -> None:
     from cmat_pipeline.config import load_params
+    from cmat_pipeline.runtime.policy import PrefixCache
     from cmat_pipeline.tune import CMATRecipe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,8 +44,7 @@ def main() -> None:
             for size in args.batch_sizes:
                 policy = recipe.policy
                 policy.gen = dataclasses.replace(policy.gen, prefix_cache=cache == "on")
-                policy.prefix_cache.clear()
-                policy.prefix_cache.hits = policy.prefix_cache.misses = 0
+                policy.prefix_cache = PrefixCache()  # cold at each run's start, counters at 0
                 results, stats = recipe.rollout(0, concurrency=size, tasks=tasks)
                 runs.append(stats | {"prefix_cache": cache, "batch_size": size, "episodes": len(results),
                                      "turns": sum(len(r["turns"]) for r in results),

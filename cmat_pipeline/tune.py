@@ -382,9 +382,10 @@ class CMATRecipe:
                 continue
             enc = encode_chat(self.tokenizer, result["messages"])
             starts = enc.turn_starts()
+            fix = self._encoded_correction(result.get("correction"))
             if len(enc.input_ids) > self.cfg.max_seq_len or len(starts) != len(result["turns"]):
                 too_long += 1
-                if (fix := self._encoded_correction(result.get("correction"))) is not None:
+                if fix is not None:
                     orphans.append({"correction": fix})
                 continue
             ids = torch.tensor([enc.input_ids], device=self.device)
@@ -393,7 +394,7 @@ class CMATRecipe:
             fixed = corrected_turns(result)
             examples.append({"ids": ids, "mask": mask, "token_turn": token_turn, "state_ends": [s - 1 for s in starts],
                              "rewards": turn_rewards(result, self.cfg), "fixed": fixed, "tokens": len(enc.input_ids),
-                             "correction": self._encoded_correction(result.get("correction"))})
+                             "correction": fix})
         return examples, orphans, too_long
 
     def _encoded_correction(self, correction: dict[str, Any] | None) -> tuple[Any, Any] | None:
@@ -432,8 +433,10 @@ class CMATRecipe:
         for ex in examples:  # the rollout policy's and the reference's log-probs, before any step
             ex["old"] = net.token_logps(ex["ids"], ex["mask"], grad=False)
             ex["ref"] = net.reference_logps(ex["ids"], ex["mask"])  # also without the penalty: KL is reported
-        value_losses = self._fit_critic(examples) if cfg.value_function else []
-        if not cfg.value_function:  # ablation: REINFORCE with the batch's mean discounted return as the baseline
+        value_losses = []
+        if cfg.value_function:
+            value_losses = self._fit_critic(examples)
+        else:  # ablation: REINFORCE with the batch's mean discounted return as the baseline
             returns = [reinforce_advantages(ex["rewards"], 0.0, cfg.gamma)[0] for ex in examples]
             baseline = sum(returns) / max(len(returns), 1)
             for ex in examples:

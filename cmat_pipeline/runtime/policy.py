@@ -79,14 +79,16 @@ PREFIX_MIN_TOKENS = 32
 """A shared prompt prefix shorter than this is not worth a cache: the batch is plainly left-padded."""
 
 
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Tokens every row starts with, leaving each row at least its last token (which `generate` must feed)."""
-    limit = min(len(ids) for ids in rows) - 1
-    first = rows[0]
-    for n in range(max(limit, 0)):
-        if any(ids[n] != first[n] for ids in rows[1:]):
-            return n
-    return max(limit, 0)
+    limit = max(min(len(ids) for ids in rows) - 1, 0)
+    return min([limit, *(shared_length(rows[0], ids) for ids in rows[1:])])
 
 
 def model_state(model: Any) -> tuple:
@@ -104,12 +106,6 @@ def model_state(model: Any) -> tuple:
 
 PREFIX_CACHE_BYTES = 2 << 30
 """KV bytes `PrefixCache` keeps at most; the least recently used prompts go first."""
-
-
-def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 @dataclass
