@@ -57,6 +57,13 @@ def test_good_actions_pass_and_hints_are_useful(checker):
     assert not_list.vetoed and not_list.issues == ["answer_format"]
 
 
+def test_split_table_name_is_named_in_the_feedback(checker):
+    # `Race` (`Results`) parses as a call with an empty table name; the feedback must say what went wrong
+    verdict = checker.check(task(), op("SELECT COUNT(*) FROM `Race` (`Results`)"))
+    assert verdict.vetoed and verdict.issues == ["unknown_table"]
+    assert "the table is `Race Results`" in verdict.feedback and "one pair of backticks" in verdict.feedback
+
+
 def test_modification_tasks(checker):
     update = task("UPDATE")
     assert checker.check(update, op("UPDATE `Race Results` SET `Driver` = 'X' WHERE Round = '2'")).ok

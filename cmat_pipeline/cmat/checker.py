@@ -121,8 +121,7 @@ class SQLChecker:
 
         for table in tree.find_all(exp.Table):
             if table.name != task.table.name:
-                return self.veto("unknown_table", f"There is no table `{table.name}`; the table is `{task.table.name}` "
-                                                  "(quote names with spaces in backticks).")
+                return self.veto("unknown_table", _unknown_table_feedback(table.name, task.table.name))
         columns = {c.lower(): c for c in task.table.columns}
         aliases = {a.alias.lower() for a in tree.find_all(exp.Alias)}
         for column in tree.find_all(exp.Column):
@@ -149,6 +148,13 @@ class SQLChecker:
         if is_select and observation == "[]":
             return Verdict(True, "Note: the query returns no rows; check the spelling of the values.", ["empty_result"])
         return Verdict(True)
+
+
+def _unknown_table_feedback(written: str, actual: str) -> str:
+    if not written:  # `Name` (`part`) parses as a call with no table name: the model split the name's quoting
+        return (f"There is no table `` (the name is empty); the table is `{actual}` "
+                "(write the whole name inside one pair of backticks).")
+    return f"There is no table `{written}`; the table is `{actual}` (quote names with spaces in backticks)."
 
 
 def as_observation(feedback: str) -> str:
