@@ -34,6 +34,17 @@ def require_bwrap() -> None:
         pytest.skip("bubblewrap not usable here (apt-get install bubblewrap; unprivileged user namespaces)")
 
 
+def failed_episode(opening: list[dict], *turns: tuple[str, str | None]) -> dict:
+    """A failed episode's record from (response, observation) turns after `opening` (None: no observation)."""
+    messages, records = list(opening), []
+    for response, seen in turns:
+        messages.append({"role": "assistant", "content": response})
+        records.append({"response": response, "vetoed": False})
+        if seen is not None:
+            messages.append({"role": "user", "content": seen})
+    return {"correct": False, "turns": records, "messages": messages}
+
+
 @pytest.fixture(scope="session")
 def db_dev_file() -> Path:
     if not DB_DEV.exists():

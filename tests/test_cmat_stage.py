@@ -413,18 +413,13 @@ def test_os_tasks_are_played_in_the_sandbox_with_the_shell_checker_in_the_loop(o
 def test_checker_corrects_a_failed_os_episode_with_the_example_solution(os_params):
     from cmat_pipeline.cmat.corrections import os_correction
     from cmat_pipeline.envs.os_interaction import OBSERVATION, task_from_entry
+    from tests.conftest import failed_episode
 
     task = task_from_entry(_os_task("How many files are in ~/exp?", 3), 0, "pool")
     opening = task.initial_messages()
 
     def failed(*turns):
-        messages, records = list(opening), []
-        for response, seen in turns:
-            messages.append({"role": "assistant", "content": response})
-            records.append({"response": response, "vetoed": False})
-            if seen is not None:
-                messages.append({"role": "user", "content": seen})
-        return {"correct": False, "turns": records, "messages": messages}
+        return failed_episode(opening, *turns)
 
     wrong_command = os_correction(failed((bash("ls /"), OBSERVATION + "bin"), ("Act: answer(1)", None)), task)
     assert wrong_command["turn"] == 0 and wrong_command["messages"][:-1] == opening

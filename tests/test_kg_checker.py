@@ -10,6 +10,7 @@ from cmat_pipeline.cmat.kg_checker import CheckedKGEpisode, KGChecker
 from cmat_pipeline.envs.kg import (EmbeddedSPARQLClient, KGOraclePolicy, KGSession, KGTask, demo_store,
                                    generated_tasks, training_tasks)
 from cmat_pipeline.runtime.rollout import run_episodes
+from tests.conftest import failed_episode
 
 TASK = KGTask(0, "which films did the director of Harbor make?", {"Harbor": "m.0fil00", "Ada": "m.0per01"},
               frozenset({"m.0fil01"}), ("get_relations(Harbor)", "get_neighbors(Harbor, film.film.directed_by)"))
@@ -93,13 +94,7 @@ def test_a_vetoed_call_never_reaches_the_store():
 
 
 def _failed(task: KGTask, *turns: tuple[str, str | None]) -> dict:
-    messages, records = task.initial_messages(), []
-    for response, seen in turns:
-        messages.append({"role": "assistant", "content": response})
-        records.append({"response": response, "vetoed": False})
-        if seen is not None:
-            messages.append({"role": "user", "content": seen})
-    return {"correct": False, "turns": records, "messages": messages}
+    return failed_episode(task.initial_messages(), *turns)
 
 
 def test_checker_corrects_a_failed_kg_episode_with_the_action_program():
