@@ -67,8 +67,8 @@ class GenerationConfig:
     """Prompt + new tokens must fit here; a longer conversation ends as `context_limit`."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the chat template's end-of-turn token always stops)."""
-    prefix_cache: bool = False
-    """Keep the KV cache of recent prompts (up to 2 GiB) until a weight or the active adapter changes
+    prefix_cache: bool = True
+    """On by default: keep the KV cache of recent prompts (up to 2 GiB) until a weight or the active adapter changes
     (runtime/policy.py `PrefixCache`): each row of a `generate` call encodes only the tokens after the longest
     prefix it shares with a kept prompt (its own previous turn, or the AgentBench instructions another row
     encoded). Same greedy outputs; needs a model with full-attention layers only (others fall back to the plain

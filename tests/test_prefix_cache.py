@@ -19,7 +19,7 @@ SYSTEM = ("You are an agent that answers questions about a MySQL table. Think st
 QUESTIONS = ["How many rows?", "Which player scored the most goals in the 1998 season, and for which club?",
              "List the names, please.",
              "What is the average age of the members who joined after 2010 and live in Paris?"]
-OFF = GenerationConfig(max_new_tokens=10, batch_size=8, max_context_tokens=1024)
+OFF = GenerationConfig(max_new_tokens=10, batch_size=8, max_context_tokens=1024, prefix_cache=False)
 ON = dataclasses.replace(OFF, prefix_cache=True)
 
 
