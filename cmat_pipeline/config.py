@@ -68,10 +68,10 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the chat template's end-of-turn token always stops)."""
     prefix_cache: bool = True
-    """On by default: keep the KV cache of recent prompts (up to 2 GiB) until a weight or the active adapter changes
-    (runtime/policy.py `PrefixCache`): each row of a `generate` call encodes only the tokens after the longest
-    prefix it shares with a kept prompt (its own previous turn, or the AgentBench instructions another row
-    encoded). Same greedy outputs; needs a model with full-attention layers only (others fall back to the plain
+    """On by default: keep the KV cache of recent prompts (up to 2 GiB) until a weight or the active adapter
+    changes (runtime/policy.py `PrefixCache`): each row of a `generate` call encodes only the tokens after the
+    longest prefix it shares with a kept prompt (its own previous turn, or the AgentBench instructions another
+    row encoded). Same greedy outputs; needs a model with full-attention layers only (others fall back to the plain
     left-padded batch)."""
 
     def __post_init__(self) -> None:

@@ -152,8 +152,7 @@ class SQLChecker:
 
 def _unknown_table_feedback(written: str, actual: str) -> str:
     if not written:  # `Name` (`part`) parses as a call with no table name: the model split the name's quoting
-        return (f"There is no table `` (the name is empty); the table is `{actual}` "
-                "(write the whole name inside one pair of backticks).")
+        return f"The table name is empty; the table is `{actual}` (write the whole name inside one pair of backticks)."
     return f"There is no table `{written}`; the table is `{actual}` (quote names with spaces in backticks)."
 
 
